@@ -1,0 +1,15 @@
+"""LSUN cat 256x256: ch 128, ch_mult (1,1,2,2,4,4), attention at 16x16, 114M parameters."""
+
+from diffusion_jax import config_base
+
+
+def get_config(variant: str = ""):
+  config = config_base.get_base_config()
+  config.data.dataset = "lsun/cat"
+  config.data.image_size = 256
+  config.data.random_flip = True
+  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+  config.model.dropout = 0.0
+  config.training.batch_size = 64
+  config.optim.learning_rate = 2e-5
+  return config_base.finalize(config, variant)

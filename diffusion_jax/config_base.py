@@ -1,0 +1,146 @@
+"""The base experiment configuration that every file under `configs/` starts from.
+
+Sections: `data`, `model`, `diffusion`, `training`, `optim`, `eval`, `sampling`. The
+defaults are the paper's CIFAR10 hyperparameters (Ho et al. 2020, Appendix B and the
+official code). Experiment files override what differs, and any field can be overridden
+on the command line (`--config.training.batch_size=64`).
+
+`shrink(config)` turns any configuration into a tiny one for smoke runs and tests; the
+experiment files expose it as the `smoke` variant: `--config configs/cifar10.py:smoke`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the base configuration (the paper's CIFAR10 setup)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # --- Data -------------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  # One of: cifar10, mnist, celeb_a_hq, lsun/church_outdoor, lsun/bedroom, lsun/cat
+  # (tensorflow-datasets), digits (scikit-learn's bundled 8x8 digits), npz (a file of
+  # uint8 images), folder (a directory of image files).
+  data.dataset = "cifar10"
+  data.image_size = 32
+  data.channels = 3
+  data.random_flip = True
+  data.path = ""  # For npz (file) and folder (directory) sources.
+  data.npz_key = ""  # Array name inside an .npz file; "" picks x_train, x or the only one.
+  data.tfds_data_dir = ""  # "" means the tensorflow-datasets default.
+  data.train_split = "train"
+  data.eval_split = "test"
+  data.shuffle_buffer_size = 50_000
+
+  # --- Model (the official U-Net) ----------------------------------------------
+  model = config.model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.num_groups = 32
+  model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
+
+  # --- Diffusion process --------------------------------------------------------
+  diffusion = config.diffusion = ml_collections.ConfigDict()
+  diffusion.num_timesteps = 1000
+  diffusion.beta_schedule = "linear"  # linear, quad, const, jsd, warmup10, warmup50, cosine
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.model_mean_type = "eps"  # eps, x_start, v, mean (mu-tilde / x_{t-1})
+  diffusion.model_var_type = "fixedlarge"  # fixedlarge, fixedsmall, learned, learned_range
+  diffusion.loss_type = "mse"  # mse (L_simple), kl (true bound), rescaled_mse, hybrid
+  diffusion.hybrid_lambda = 0.001
+
+  # --- Training -------------------------------------------------------------------
+  training = config.training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch over all devices and processes.
+  training.num_train_steps = 800_000
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 5_000  # Preemption checkpoints (latest only).
+  training.checkpoint_every_minutes = 10.0
+  training.snapshot_every_steps = 100_000  # Kept snapshots.
+  training.sample_every_steps = 20_000  # Sample grids from the EMA parameters.
+  training.num_sample_images = 64
+  training.max_to_keep_preemption = 2
+
+  # --- Optimizer ------------------------------------------------------------------
+  optim = config.optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 5_000
+  optim.grad_clip_norm = 1.0
+  optim.beta1 = 0.9
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+  optim.ema_decay = 0.9999
+
+  # --- Sampling -------------------------------------------------------------------
+  sampling = config.sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ancestral"  # ancestral or ddim
+  sampling.num_steps = 1000  # DDIM: number of steps of the subsequence.
+  sampling.eta = 0.0  # DDIM eta (1.0 reproduces ancestral sampling with fixedsmall).
+  sampling.clip_denoised = True
+  sampling.num_samples = 50_000
+  sampling.batch_size = 256  # Global batch for sampling jobs.
+  sampling.shard_size = 1_000  # Images per written shard.
+
+  # --- Evaluation -----------------------------------------------------------------
+  eval_config = config.eval = ml_collections.ConfigDict()
+  eval_config.use_ema = True
+  eval_config.checkpoint_step = -1  # -1: the latest.
+  eval_config.bpd_split = "test"
+  eval_config.bpd_batch_size = 64
+  eval_config.bpd_num_images = -1  # -1: the whole split.
+  eval_config.fid_reference = ""  # .npz with mu/sigma, or "" to compute from data.train_split.
+  eval_config.inception_weights = ""  # Converted Inception weights (.npz).
+  eval_config.fid_batch_size = 200
+  return config
+
+
+def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns a copy of `config` small enough for a smoke run on a CPU in seconds."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (config.data.image_size // 2,)
+  config.model.num_groups = 8
+  config.diffusion.num_timesteps = 100
+  config.training.batch_size = 16
+  config.training.num_train_steps = 10
+  config.training.log_every_steps = 5
+  config.training.checkpoint_every_steps = 5
+  config.training.snapshot_every_steps = 10
+  config.training.sample_every_steps = 10
+  config.training.num_sample_images = 4
+  config.data.shuffle_buffer_size = 1_000
+  config.optim.warmup_steps = 5
+  config.sampling.num_samples = 16
+  config.sampling.batch_size = 8
+  config.sampling.shard_size = 8
+  config.eval.bpd_batch_size = 8
+  config.eval.bpd_num_images = 16
+  config.eval.fid_batch_size = 8
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Applies a variant named after the config path (`file.py:variant`) and returns it.
+
+  Args:
+    config: the experiment's configuration.
+    variant: "" for the full run or "smoke" for a tiny one.
+
+  Raises:
+    ValueError: for an unknown variant.
+  """
+  if variant in ("", None):
+    return config
+  if variant == "smoke":
+    return shrink(config)
+  raise ValueError(f"Unknown config variant {variant!r}; use '' or 'smoke'.")
