@@ -1,0 +1,375 @@
+"""The tf.data input pipeline: global batches as sharded jax.Arrays, in a resumable order.
+
+Training (`create_train_iterator`): the batch of step s holds, in row r, the example
+`example_order.train_plan(seed, s, ...)` picks (a per-epoch permutation of the whole
+training set, and a flip bit per position), so the order is a pure function of
+(seed, step): a run resumed at step N gets the batches an uninterrupted run gets, and
+`start_step` costs nothing. Each process reads only the rows of the global batch that its
+devices hold (taken from the sharding), then
+`jax.make_array_from_process_local_data` assembles the global batch as one jax.Array.
+
+The per-process tf.data graph, in the order of the classic recipe (split by process,
+shuffle, repeat, batch with drop_remainder, map with AUTOTUNE, prefetch):
+  Dataset.counter(start_step)                  one element per step (repeat: forever)
+  -> rows' example indices and flips           shuffle + split by process, in NumPy
+  -> gather uint8 images                       (in memory: tf.gather; tfds ArrayRecord:
+                                                batched reads, parse, decode, crop/resize)
+  -> random horizontal flip, x / 127.5 - 1     float32 in [-1, 1]
+  -> prefetch(AUTOTUNE)
+Every element is one full local batch (drop_remainder is implicit: batches continue across
+epoch boundaries). `data.shuffle_buffer_size` is not used: the shuffle is a full
+permutation per epoch.
+
+Evaluation (`create_eval_iterator`): the split in its stored order, without flips, in
+global batches; the last one is padded (with copies of the last image) and a boolean mask
+marks the real rows, so every image counts exactly once (bits/dim, FID statistics).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffusion_jax import data_sources
+from diffusion_jax import example_order
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow off GPUs/TPUs (JAX owns them); a no-op once TF has started."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):
+    pass
+
+
+def as_batch_sharding(sharding: Mesh | NamedSharding) -> NamedSharding:
+  """The sharding of a global batch: a NamedSharding, or P('data') over a Mesh."""
+  if isinstance(sharding, NamedSharding):
+    return sharding
+  if isinstance(sharding, Mesh):
+    if "data" not in sharding.axis_names:
+      raise ValueError(f"The mesh has axes {sharding.axis_names}; the batch is sharded over "
+                       "an axis named 'data' (or pass a NamedSharding).")
+    return NamedSharding(sharding, PartitionSpec("data"))
+  raise TypeError(f"Expected a jax.sharding.Mesh or NamedSharding, got {type(sharding)}.")
+
+
+def check_batch_size(global_batch_size: int, sharding: Mesh | NamedSharding) -> None:
+  """Raises a ValueError naming the fix if the batch cannot be split over the devices."""
+  sharding = as_batch_sharding(sharding)
+  spec0 = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if spec0 is None else (spec0,) if isinstance(spec0, str) else tuple(spec0)
+  parts = math.prod(sharding.mesh.shape[a] for a in axes)
+  for count, what in ((parts, f"{parts} devices that share the batch (mesh axes {axes})"),
+                      (jax.process_count(), f"{jax.process_count()} processes")):
+    if global_batch_size < 1 or global_batch_size % count:
+      good = max(count, -(-global_batch_size // count) * count)
+      raise ValueError(
+          f"The global batch size {global_batch_size} is not divisible by the {what}; "
+          f"{jax.device_count()} devices in {jax.process_count()} process(es). Use a "
+          f"multiple of {count}, e.g. --config.training.batch_size={good}.")
+
+
+def sharding_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, sorted (int64 [b]).
+
+  `jax.make_array_from_process_local_data` maps the local batch onto these rows in order.
+  """
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(global_shape).values():
+    rows.update(range(*index[0].indices(global_shape[0])))
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def create_train_dataset(
+    data_config,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: data_sources.Source | None = None,
+) -> tf.data.Dataset:
+  """This process's part of every training batch from `start_step` on, as tf.data.
+
+  Args:
+    data_config: the config's `data` section (dataset, image_size, channels,
+      random_flip, path, npz_key, tfds_data_dir, train_split).
+    global_batch_size: examples per step over all processes.
+    seed: the data seed; the order is a function of (seed, step) only.
+    start_step: the step of the first element (a resumed run passes its step).
+    process_index: this process (default `jax.process_index()`); it gets the
+      contiguous block of rows `example_order.process_rows` gives it.
+    process_count: the number of processes (default `jax.process_count()`).
+    source: an already opened source of data_config's train split (else opened here).
+
+  Returns:
+    An infinite dataset of float32 [global_batch_size / process_count, S, S, C] in
+    [-1, 1]; element k is (that part of) the batch of step start_step + k.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  rows = example_order.process_rows(global_batch_size, process_index, process_count)
+  if source is None:
+    source = data_sources.load_source(data_config, data_config.train_split)
+  return _train_dataset(source, data_config, rows, global_batch_size, seed, start_step)
+
+
+def create_train_iterator(
+    data_config,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    sharding: Mesh | NamedSharding,
+) -> Iterator[jax.Array]:
+  """Global training batches as jax.Arrays sharded over the batch axis.
+
+  All checks (dataset, paths, sizes, channels, divisibility) run here, before the
+  first batch and before any compile.
+
+  Args:
+    data_config: the config's `data` section.
+    global_batch_size: examples per step over all devices and processes.
+    seed: the data seed; batch k is a function of (seed, start_step + k) only.
+    start_step: the step whose batch comes first (a run resumed at step N passes N).
+    sharding: a NamedSharding of the batch (its first dimension), or a Mesh with an
+      axis 'data' (then P('data')).
+
+  Returns:
+    An infinite iterator of float32 [global_batch_size, S, S, C] jax.Arrays in [-1, 1].
+  """
+  sharding = as_batch_sharding(sharding)
+  check_batch_size(global_batch_size, sharding)
+  source = data_sources.load_source(data_config, data_config.train_split)
+  shape = (global_batch_size, data_config.image_size, data_config.image_size,
+           data_config.channels)
+  rows = sharding_rows(sharding, shape)
+  ds = _train_dataset(source, data_config, rows, global_batch_size, seed, start_step)
+  return _global_arrays(
+      ds.as_numpy_iterator(),
+      lambda x: jax.make_array_from_process_local_data(sharding, x, shape))
+
+
+class EvalIterator:
+  """One pass over a split in global batches of (images, mask); iterable many times.
+
+  Attributes:
+    num_images: the images evaluated (the first `num_images` of the split).
+    num_batches: ceil(num_images / global_batch_size).
+    global_batch_size: rows per batch.
+
+  Iterating yields (images float32 [B, S, S, C] in [-1, 1], mask bool [B]) jax.Arrays,
+  both sharded over the batch axis; batch k row r is image k * B + r of the split when
+  mask is True, padding (a copy of the last image) otherwise. Summing a per-example
+  quantity times the mask over all batches counts every image exactly once.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, sharding: NamedSharding, num_images: int,
+               global_batch_size: int, image_shape: tuple[int, int, int]):
+    self._dataset = dataset
+    self._sharding = sharding
+    self._mask_sharding = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0]))
+    self.num_images = num_images
+    self.global_batch_size = global_batch_size
+    self.num_batches = -(-num_images // global_batch_size)
+    self._shape = (global_batch_size, *image_shape)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[tuple[jax.Array, jax.Array]]:
+    def place(batch):
+      images, mask = batch
+      return (
+          jax.make_array_from_process_local_data(self._sharding, images, self._shape),
+          jax.make_array_from_process_local_data(self._mask_sharding, mask, self._shape[:1]))
+    return _global_arrays(self._dataset.as_numpy_iterator(), place)
+
+
+def create_eval_dataset(
+    data_config,
+    split: str,
+    *,
+    global_batch_size: int,
+    num_images: int = -1,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: data_sources.Source | None = None,
+) -> tuple[tf.data.Dataset, int]:
+  """This process's part of one ordered pass over `split` (see `EvalIterator`).
+
+  Args:
+    data_config: the config's `data` section.
+    split: the split, e.g. data_config.eval_split or data_config.train_split.
+    global_batch_size: rows per global batch.
+    num_images: evaluate the first num_images images of the split; -1: all of them.
+    process_index: this process (default `jax.process_index()`).
+    process_count: the number of processes (default `jax.process_count()`).
+    source: an already opened source of `split` (else opened here).
+
+  Returns:
+    (a finite dataset of (float32 [b, S, S, C], bool mask [b]), num_images).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  rows = example_order.process_rows(global_batch_size, process_index, process_count)
+  if source is None:
+    source = data_sources.load_source(data_config, split)
+  return _eval_dataset(source, rows, global_batch_size, num_images)
+
+
+def create_eval_iterator(
+    data_config,
+    split: str,
+    *,
+    global_batch_size: int,
+    sharding: Mesh | NamedSharding,
+    num_images: int = -1,
+) -> EvalIterator:
+  """One deterministic pass over `split`: no shuffle, no flip, padded and masked.
+
+  Args:
+    data_config: the config's `data` section.
+    split: the split to read (tfds split strings; array sources: see data_sources).
+    global_batch_size: rows per global batch (divisible by the devices sharing it).
+    sharding: a NamedSharding of the batch, or a Mesh with an axis 'data'.
+    num_images: the first num_images images of the split; -1: the whole split.
+
+  Returns:
+    An `EvalIterator` (len() = number of batches; `.num_images`).
+  """
+  sharding = as_batch_sharding(sharding)
+  check_batch_size(global_batch_size, sharding)
+  source = data_sources.load_source(data_config, split)
+  image_shape = (data_config.image_size, data_config.image_size, data_config.channels)
+  rows = sharding_rows(sharding, (global_batch_size, *image_shape))
+  ds, count = _eval_dataset(source, rows, global_batch_size, num_images)
+  return EvalIterator(ds, sharding, count, global_batch_size, image_shape)
+
+
+# ----------------------------------------------------------------------------------
+# The graph.
+
+
+def _train_dataset(source, data_config, rows, global_batch_size, seed, start_step):
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  flip = bool(data_config.random_flip)
+  n = source.num_examples
+
+  def plan(step):
+    idx, flips = example_order.train_plan(
+        seed=seed, step=int(step), global_batch_size=global_batch_size, num_examples=n,
+        rows=rows)
+    return idx, flips & flip
+
+  steps = tf.data.Dataset.counter(start_step, dtype=tf.int64)
+  ds = steps.map(lambda s: _numpy_plan(plan, s, len(rows), 2), num_parallel_calls=AUTOTUNE)
+  ds = _gather(source, ds, len(rows))
+  ds = ds.map(lambda images, flips: _to_model_input(images, flips if flip else None),
+              num_parallel_calls=AUTOTUNE)
+  return _finish(ds)
+
+
+def _eval_dataset(source, rows, global_batch_size, num_images):
+  n = source.num_examples
+  if num_images == 0 or num_images > n:
+    raise ValueError(f"num_images={num_images} but {source.name} holds {n} images; use "
+                     f"1..{n}, or -1 for all of them.")
+  count = n if num_images < 0 else num_images
+  num_batches = -(-count // global_batch_size)
+
+  def plan(step):
+    positions = int(step) * global_batch_size + rows
+    mask = positions < count
+    return np.minimum(positions, count - 1), np.zeros(len(rows), bool), mask
+
+  steps = tf.data.Dataset.range(num_batches)
+  ds = steps.map(lambda s: _numpy_plan(plan, s, len(rows), 3), num_parallel_calls=AUTOTUNE)
+  ds = _gather(source, ds, len(rows))
+  ds = ds.map(lambda images, flips, mask: (_to_model_input(images, None), mask),
+              num_parallel_calls=AUTOTUNE)
+  return _finish(ds), count
+
+
+def _numpy_plan(plan, step, size, arity):
+  dtypes = (tf.int64, tf.bool, tf.bool)[:arity]
+  outs = tf.numpy_function(plan, [step], dtypes, stateful=False)
+  for out in outs:
+    out.set_shape([size])
+  return tuple(outs)
+
+
+def _gather(source, ds, size):
+  """(indices [b], *rest) -> (uint8 images [b, S, S, C], *rest)."""
+  if isinstance(source, data_sources.ArraySource):
+    images = tf.constant(source.images)
+    return ds.map(lambda idx, *rest: (tf.gather(images, idx), *rest),
+                  num_parallel_calls=AUTOTUNE)
+
+  def read(idx, *rest):
+    records = tf.numpy_function(source.read_records, [idx], tf.string, stateful=False)
+    records.set_shape([size])
+    encoded = tf.io.parse_example(records, {"image": tf.io.FixedLenFeature([], tf.string)})
+    return (encoded["image"], *rest)
+
+  def decode(encoded, *rest):
+    image = tf.io.decode_image(encoded, channels=source.channels, expand_animations=False)
+    if source.crop_and_resize:
+      image = data_sources.center_crop_and_resize(image, source.image_size)
+    else:  # Fails at run time if a stored image has another size.
+      image = tf.ensure_shape(image, [source.image_size, source.image_size, source.channels])
+    return (image, *rest)
+
+  ds = ds.map(read, num_parallel_calls=AUTOTUNE).unbatch()
+  ds = ds.map(decode, num_parallel_calls=AUTOTUNE)
+  return ds.batch(size, drop_remainder=True)
+
+
+def _to_model_input(images: tf.Tensor, flips: tf.Tensor | None) -> tf.Tensor:
+  """uint8 [b, S, S, C] (and bool [b] flips) -> float32 [b, S, S, C] in [-1, 1]."""
+  if flips is not None:
+    images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+  return tf.cast(images, tf.float32) / 127.5 - 1.0
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _global_arrays(local_batches, place, buffer_size: int = 2):
+  """Turns local NumPy batches into global jax.Arrays, `buffer_size` batches ahead.
+
+  `place(batch)` makes the global arrays (`jax.make_array_from_process_local_data`);
+  creating them ahead overlaps the host to device copies with the computation.
+  """
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in local_batches:
+      queue.append(place(batch))
+      if len(queue) >= n:
+        return
+
+  def generate():
+    enqueue(buffer_size)
+    while queue:
+      yield queue.popleft()
+      enqueue(buffer_size)
+  return generate()
+
+
+_hide_accelerators_from_tf()
