@@ -186,11 +186,21 @@ def cdf_tanh(x):
 
 
 def bin_log_prob(x, mean, std):
-  """log P(bin of x): bins of width 2/255 around the 256 levels, edge bins to +-inf."""
+  """log P(bin of x): bins of width 2/255 around the 256 levels, edge bins to +-inf.
+
+  Phi(z) = (1 + tanh(g(z))) / 2 = sigmoid(2 g(z)); a bin's probability is a difference
+  of two sigmoids, taken on the side of the distribution where both are small (upper
+  tail: 1 - Phi), so that no precision is lost to cancellation near Phi = 1.
+  """
+  g = lambda z: np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)
+  sigmoid = lambda u: 1.0 / (1.0 + np.exp(-u))
+  x, mean, std = np.broadcast_arrays(x, mean, std)
   lo = np.where(x < -0.999, -np.inf, x - 1 / 255)
   hi = np.where(x > 0.999, np.inf, x + 1 / 255)
-  with np.errstate(invalid="ignore"):
-    p = cdf_tanh((hi - mean) / std) - cdf_tanh((lo - mean) / std)
+  with np.errstate(invalid="ignore", over="ignore"):
+    a, b = g((hi - mean) / std), g((lo - mean) / std)
+    upper = a + b > 0
+    p = np.where(upper, sigmoid(-2 * b) - sigmoid(-2 * a), sigmoid(2 * a) - sigmoid(2 * b))
   return np.log(np.maximum(p, 1e-12))
 
 
