@@ -1,0 +1,84 @@
+"""Builds the U-Net from an experiment configuration; initializes and counts parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax.models.unet import UNet, UNetConfig
+
+Params = Any  # A nested dict of arrays: the 'params' collection of `UNet`.
+
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def unet_config_from(config: ml_collections.ConfigDict) -> UNetConfig:
+  """The `UNetConfig` of an experiment configuration.
+
+  Args:
+    config: the experiment configuration (sections `model`, `data`, `diffusion`).
+
+  Returns:
+    The model config: image channels and size from `config.data`; twice the image
+    channels as output when `config.diffusion.model_var_type` is learned or learned_range.
+  """
+  m = config.model
+  channels = int(config.data.channels)
+  learned = config.diffusion.model_var_type in LEARNED_VARIANCE_TYPES
+  return UNetConfig(
+      ch=int(m.ch),
+      ch_mult=tuple(m.ch_mult),
+      num_res_blocks=int(m.num_res_blocks),
+      attn_resolutions=tuple(m.attn_resolutions),
+      dropout=float(m.dropout),
+      resamp_with_conv=bool(m.resamp_with_conv),
+      in_channels=channels,
+      out_channels=2 * channels if learned else channels,
+      num_groups=int(m.num_groups),
+      image_size=int(config.data.image_size),
+      dtype=str(m.dtype),
+  )
+
+
+def _dummy_inputs(unet_config: UNetConfig) -> tuple[jax.Array, jax.Array]:
+  size = unet_config.image_size
+  x = jnp.zeros((1, size, size, unet_config.in_channels), jnp.float32)  # [1, H, W, C]
+  t = jnp.zeros((1,), jnp.int32)  # [1]
+  return x, t
+
+
+def init_params(unet_config: UNetConfig, rng: jax.Array) -> Params:
+  """Official initialization of the U-Net parameters (float32).
+
+  Args:
+    unet_config: the architecture.
+    rng: a PRNG key.
+
+  Returns:
+    The 'params' collection (a nested dict of float32 arrays).
+  """
+  model = UNet(unet_config)
+  x, t = _dummy_inputs(unet_config)
+  # Under jit the forward pass is dead code (only parameters are returned): cheap to compile.
+  init = jax.jit(lambda key: model.init({"params": key}, x, t, train=False)["params"])
+  return init(rng)
+
+
+def param_shapes(unet_config: UNetConfig) -> Params:
+  """The parameter tree as `jax.ShapeDtypeStruct` leaves, via `jax.eval_shape` (no compile)."""
+  model = UNet(unet_config)
+  x, t = _dummy_inputs(unet_config)
+  return jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)}, x, t, train=False)["params"])
+
+
+def count_params(unet_config_or_params: UNetConfig | Params) -> int:
+  """Number of scalar parameters of a config (via `param_shapes`) or of a parameter tree."""
+  tree = unet_config_or_params
+  if isinstance(tree, UNetConfig):
+    tree = param_shapes(tree)
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,222 @@
+"""The official DDPM U-Net (Ho et al. 2020; `diffusion_tf/models/unet.py`), NHWC, Flax Linen.
+
+Module names mirror the official variable scopes: the official TF variable
+`model/down_1/attn_0/q/W` is the Flax parameter `params['down_1']['attn_0']['q']['kernel']`
+(`W` -> `kernel`, `b` -> `bias`, `gamma` -> `scale`, `beta` -> `bias`), with the same shape.
+
+Usage:
+  model = UNet(config)
+  out = model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Architecture of the official U-Net.
+
+  Attributes:
+    ch: base channels (128 in the paper).
+    ch_mult: channel multiplier per resolution level; level i has ch * ch_mult[i] channels
+      and resolution image_size / 2**i.
+    num_res_blocks: res blocks per level in the down path (the up path has one more).
+    attn_resolutions: resolutions (side lengths) whose res blocks are followed by attention.
+    dropout: dropout rate inside res blocks (train mode).
+    resamp_with_conv: conv resampling (True) or average pooling / plain nearest (False).
+    in_channels: image channels.
+    out_channels: output channels (2 * in_channels for learned variances).
+    num_groups: GroupNorm groups (must divide every normalized channel count).
+    image_size: input height = width.
+    dtype: compute dtype name, "float32" or "bfloat16" (parameters are always float32).
+  """
+  ch: int = 128
+  ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (16,)
+  dropout: float = 0.1
+  resamp_with_conv: bool = True
+  in_channels: int = 3
+  out_channels: int = 3
+  num_groups: int = 32
+  image_size: int = 32
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+    object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+    dtype = self.dtype if isinstance(self.dtype, str) else jnp.dtype(self.dtype).name
+    object.__setattr__(self, "dtype", dtype)
+    _validate(self)
+
+  @property
+  def num_resolutions(self) -> int:
+    return len(self.ch_mult)
+
+  @property
+  def resolutions(self) -> tuple[int, ...]:
+    """Side length of the feature maps at each level."""
+    return tuple(self.image_size // 2**i for i in range(self.num_resolutions))
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(_DTYPES[self.dtype])
+
+  def level_channels(self, level: int) -> int:
+    return self.ch * self.ch_mult[level]
+
+
+def _validate(c: UNetConfig) -> None:
+  """Raises ValueError naming the offending field and how to fix it."""
+  def fail(msg):
+    raise ValueError(f"Invalid UNetConfig: {msg}")
+  if c.dtype not in _DTYPES:
+    fail(f"dtype={c.dtype!r}; use one of {sorted(_DTYPES)}.")
+  for field in ("ch", "num_res_blocks", "in_channels", "out_channels", "num_groups",
+                "image_size"):
+    if int(getattr(c, field)) < 1:
+      fail(f"{field}={getattr(c, field)} must be >= 1.")
+  if c.ch < 4:
+    fail(f"ch={c.ch} must be >= 4 (the time embedding has ch sinusoids).")
+  if not c.ch_mult or min(c.ch_mult) < 1:
+    fail(f"ch_mult={c.ch_mult} must be a non-empty tuple of positive integers.")
+  if not 0.0 <= c.dropout < 1.0:
+    fail(f"dropout={c.dropout} must be in [0, 1).")
+  factor = 2 ** (c.num_resolutions - 1)
+  if c.image_size % factor:
+    fail(f"image_size={c.image_size} must be divisible by 2**(len(ch_mult) - 1) = {factor} "
+         f"so that every downsampling halves the size exactly; use fewer levels.")
+  unknown = [r for r in c.attn_resolutions if r not in c.resolutions]
+  if unknown:
+    fail(f"attn_resolutions {unknown} match no level; the levels have resolutions "
+         f"{c.resolutions}.")
+  for channels in _normalized_channels(c):
+    if channels % c.num_groups:
+      fail(f"num_groups={c.num_groups} does not divide {channels} channels (a GroupNorm "
+           f"input); pick num_groups dividing ch * ch_mult and the concatenated skips.")
+
+
+def _normalized_channels(c: UNetConfig) -> set[int]:
+  """Every channel count that enters a GroupNorm."""
+  out = {c.ch}
+  skips = [c.ch]
+  for i in range(c.num_resolutions):
+    out.add(c.level_channels(i))
+    skips += [c.level_channels(i)] * (c.num_res_blocks + (i != c.num_resolutions - 1))
+  h = c.level_channels(c.num_resolutions - 1)
+  for i in reversed(range(c.num_resolutions)):
+    for _ in range(c.num_res_blocks + 1):
+      out.add(h + skips.pop())
+      h = c.level_channels(i)
+  return out
+
+
+class _TimestepEmbed(nn.Module):
+  """sinusoid(ch) -> dense0 (4 ch) -> swish -> dense1 (4 ch)."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:  # [B] -> [B, 4 ch]
+    c, dtype = self.config, self.config.compute_dtype
+    temb = layers.timestep_embedding(t, c.ch)  # [B, ch] float32
+    temb = layers.Dense(4 * c.ch, dtype=dtype, name="dense0")(temb)
+    return layers.Dense(4 * c.ch, dtype=dtype, name="dense1")(nn.swish(temb))
+
+
+class _DownLevel(nn.Module):
+  """Res blocks (+ attention) of one level, then the downsampling (not at the last level)."""
+  config: UNetConfig
+  level: int
+
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> list[jax.Array]:
+    c, dtype = self.config, self.config.compute_dtype
+    outputs = []
+    for j in range(c.num_res_blocks):
+      h = layers.ResnetBlock(c.level_channels(self.level), c.dropout, c.num_groups,
+                             dtype=dtype, name=f"block_{j}")(h, temb, train)
+      if h.shape[1] in c.attn_resolutions:
+        h = layers.AttnBlock(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
+      outputs.append(h)
+    if self.level != c.num_resolutions - 1:
+      outputs.append(layers.Downsample(c.resamp_with_conv, dtype=dtype,
+                                       name="downsample")(h))
+    return outputs
+
+
+class _Middle(nn.Module):
+  """block_1 -> attn_1 -> block_2 at the lowest resolution."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    c, dtype = self.config, self.config.compute_dtype
+    channels = h.shape[-1]
+    h = layers.ResnetBlock(channels, c.dropout, c.num_groups, dtype=dtype,
+                           name="block_1")(h, temb, train)
+    h = layers.AttnBlock(c.num_groups, dtype=dtype, name="attn_1")(h)
+    return layers.ResnetBlock(channels, c.dropout, c.num_groups, dtype=dtype,
+                              name="block_2")(h, temb, train)
+
+
+class _UpLevel(nn.Module):
+  """num_res_blocks + 1 res blocks on [h, skip] (+ attention), then upsampling (not at 0)."""
+  config: UNetConfig
+  level: int
+
+  @nn.compact
+  def __call__(self, h: jax.Array, skips: Sequence[jax.Array], temb: jax.Array,
+               train: bool) -> jax.Array:
+    c, dtype = self.config, self.config.compute_dtype
+    for j, skip in enumerate(skips):
+      h = jnp.concatenate([h, skip], axis=-1)  # [B, H, W, C_h + C_skip]
+      h = layers.ResnetBlock(c.level_channels(self.level), c.dropout, c.num_groups,
+                             dtype=dtype, name=f"block_{j}")(h, temb, train)
+      if h.shape[1] in c.attn_resolutions:
+        h = layers.AttnBlock(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
+    if self.level != 0:
+      h = layers.Upsample(c.resamp_with_conv, dtype=dtype, name="upsample")(h)
+    return h
+
+
+class UNet(nn.Module):
+  """The official DDPM U-Net: `UNet(config)(x [B,H,W,C], t [B], train) -> [B,H,W,out]`.
+
+  The output is float32 whatever the compute dtype. Dropout (train=True, dropout > 0)
+  draws from the 'dropout' rng stream.
+  """
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    c, dtype = self.config, self.config.compute_dtype
+    expected = (c.image_size, c.image_size, c.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+      raise ValueError(f"UNet input x has shape {tuple(x.shape)}; this config expects "
+                       f"[B, {c.image_size}, {c.image_size}, {c.in_channels}] (NHWC).")
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+      raise ValueError(f"UNet timesteps t have shape {tuple(t.shape)}; expected "
+                       f"[{x.shape[0]}] (one per example).")
+    temb = _TimestepEmbed(c, name="temb")(t)  # [B, 4 ch]
+    hs = [layers.Conv3x3(c.ch, dtype=dtype, name="conv_in")(x.astype(dtype))]
+    for i in range(c.num_resolutions):
+      hs += _DownLevel(c, i, name=f"down_{i}")(hs[-1], temb, train)
+    h = _Middle(c, name="mid")(hs[-1], temb, train)
+    for i in reversed(range(c.num_resolutions)):
+      skips = [hs.pop() for _ in range(c.num_res_blocks + 1)]
+      h = _UpLevel(c, i, name=f"up_{i}")(h, skips, temb, train)
+    assert not hs
+    h = nn.swish(layers.GroupNorm(c.num_groups, dtype=dtype, name="norm_out")(h))
+    h = layers.Conv3x3(c.out_channels, init_scale=0.0, dtype=dtype, name="conv_out")(h)
+    return h.astype(jnp.float32)  # [B, H, W, out_channels]
