@@ -203,31 +203,35 @@ def npz_images(path: str, key: str, split: str) -> np.ndarray:
     raise FileNotFoundError(f"data.path={path!r} is not a file; the npz dataset needs "
                             "--config.data.path=/path/to/images.npz.")
   with np.load(path, allow_pickle=False) as archive:
-    keys = list(archive.keys())
     base, part = parse_split(split, None, f"npz {path}")
-    if base == "train":
-      if key:
-        chosen = key if key in keys else None
-      else:
-        chosen = next((k for k in ("x_train", "x") if k in keys), keys[0] if len(keys) == 1 else None)
-      if chosen is None:
-        raise ValueError(f"{path} holds arrays {keys}; none is {key or 'x_train or x'}. Name the "
-                         "image array with --config.data.npz_key=NAME.")
-    else:
-      chosen = f"x_{base}"
-      if chosen not in keys:
-        raise ValueError(f"{path} has no array {chosen!r} for split {split!r} (arrays: {keys}); "
-                         "evaluate on the training images with --config.data.eval_split=train.")
+    chosen = _npz_key(list(archive.keys()), key, base, split, path)
     images = part(archive[chosen])
   if images.dtype != np.uint8:
-    raise ValueError(f"Array {chosen!r} in {path} has dtype {images.dtype}; expected uint8 images "
-                     "with values in [0, 255] (convert with np.round(x).astype(np.uint8)).")
+    raise ValueError(f"Array {chosen!r} in {path} has dtype {images.dtype}; expected uint8 "
+                     "images with values in [0, 255] (np.round(x).astype(np.uint8)).")
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f"Array {chosen!r} in {path} has shape {images.shape}; expected "
                      "[N, H, W] or [N, H, W, C] with C = 1 or 3.")
   return images
+
+
+def _npz_key(keys: list[str], key: str, base: str, split: str, path: str) -> str:
+  if base != "train":
+    if f"x_{base}" not in keys:
+      raise ValueError(f"{path} has no array 'x_{base}' for split {split!r} (arrays: {keys}); "
+                       "evaluate on the training images: --config.data.eval_split=train.")
+    return f"x_{base}"
+  if key:
+    candidates = [key]
+  else:
+    candidates = ["x_train", "x"] + (keys if len(keys) == 1 else [])
+  chosen = next((k for k in candidates if k in keys), None)
+  if chosen is None:
+    raise ValueError(f"{path} holds arrays {keys}; none is {key or 'x_train or x'}. Name "
+                     "the image array with --config.data.npz_key=NAME.")
+  return chosen
 
 
 def folder_images(path: str, image_size: int, channels: int) -> np.ndarray:
@@ -275,9 +279,10 @@ def tfds_images(name: str, split: str, data_dir: str | None) -> np.ndarray:
     ds = tfds.load(name, split=split, data_dir=data_dir, download=True)
   except Exception as e:  # Offline, unknown split, corrupt data: say what to do.
     raise RuntimeError(
-        f"Could not load the tfds dataset {name!r} split {split!r} (data_dir={data_dir}): {e}\n"
-        f"Without internet, run `tfds build {name} --data_dir=DIR` on a machine with internet, "
-        "copy DIR and set --config.data.tfds_data_dir=DIR; or use an array source "
+        f"Could not load the tfds dataset {name!r} split {split!r} "
+        f"(data_dir={data_dir}): {e}\nWithout internet, run `tfds build {name} "
+        "--data_dir=DIR` on a machine with internet, copy DIR and set "
+        "--config.data.tfds_data_dir=DIR; or use an array source "
         "(--config.data.dataset=npz --config.data.path=FILE.npz).") from e
   batches = tfds.as_numpy(ds.map(lambda ex: ex["image"]).batch(4096))
   return np.concatenate(list(batches))
@@ -317,8 +322,8 @@ def _not_prepared_message(name: str, builder) -> str:
     return (
         f"The tfds dataset {name} is not prepared under {root}. CelebA-HQ needs a manual "
         f"download: create data{res}x{res}.tar (the CelebA-HQ images at {res}x{res}, made "
-        "from CelebA and the CelebA-HQ deltas as described at "
-        "https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training),"
+        "from CelebA and the CelebA-HQ deltas as described at https://github.com/tkarras/"
+        "progressive_growing_of_gans#preparing-datasets-for-training),"
         f" put it in {manual}, then run `tfds build {name} --data_dir={root} "
         f"--manual_dir={manual} --file_format=array_record` and set "
         f"--config.data.tfds_data_dir={root}.")

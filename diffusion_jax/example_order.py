@@ -80,7 +80,7 @@ def permuted_indices(seed: int, epochs, offsets, num_examples: int) -> np.ndarra
   if num_examples < 1:
     raise ValueError(f"num_examples must be >= 1, got {num_examples}.")
   offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
-  epochs = np.broadcast_to(np.asarray(epochs, dtype=np.int64), offsets.shape)
+  epochs = np.broadcast_to(np.asarray(epochs, dtype=np.int64).reshape(-1), offsets.shape)
   if offsets.size and (offsets.min() < 0 or offsets.max() >= num_examples):
     raise ValueError(f"offsets must lie in [0, {num_examples}).")
   bits = max(2, int(num_examples - 1).bit_length())
@@ -104,34 +104,36 @@ def flip_bits(seed: int, positions) -> np.ndarray:
   return bits.astype(bool)
 
 
-def train_positions(step: int, global_batch_size: int, rows) -> np.ndarray:
-  """Global stream positions [len(rows)] of the given rows of the batch at `step`."""
+def train_positions(steps, global_batch_size: int, rows) -> np.ndarray:
+  """Global stream positions [..., b] of the given rows of the batches at `steps` [...]."""
   rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-  return np.int64(step) * np.int64(global_batch_size) + rows
+  steps = np.asarray(steps, dtype=np.int64)
+  return steps[..., None] * np.int64(global_batch_size) + rows
 
 
 def train_plan(
-    *, seed: int, step: int, global_batch_size: int, num_examples: int, rows
+    *, seed: int, steps, global_batch_size: int, num_examples: int, rows
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Example indices and flip bits of some rows of the global training batch at `step`.
+  """Example indices and flip bits of some rows of the global training batches at `steps`.
 
   Args:
     seed: the data seed.
-    step: the training step (0-based) whose batch is wanted.
+    steps: int or int array [...], the training steps (0-based) whose batches are wanted.
     global_batch_size: rows per global batch (over all processes).
     num_examples: the size of the training set.
     rows: int array [b], the rows of the global batch wanted (e.g. this process's).
 
   Returns:
-    (indices int64 [b], flips bool [b]).
+    (indices int64 [..., b], flips bool [..., b]).
   """
-  positions = train_positions(step, global_batch_size, rows)
+  positions = train_positions(steps, global_batch_size, rows)
   epochs, offsets = np.divmod(positions, np.int64(num_examples))
-  return permuted_indices(seed, epochs, offsets, num_examples), flip_bits(seed, positions)
+  indices = permuted_indices(seed, epochs, offsets, num_examples).reshape(positions.shape)
+  return indices, flip_bits(seed, positions).reshape(positions.shape)
 
 
 def process_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
-  """The contiguous block of global-batch rows that process `process_index` of `process_count` owns.
+  """The contiguous block of global-batch rows that process `process_index` owns.
 
   This is the layout of a batch dimension sharded over a mesh whose devices are ordered
   by process (the usual `jax.devices()` order); the iterators take the rows from the
