@@ -324,3 +324,77 @@ def test_clear_errors(small_npz, tmp_path):
       input_pipeline.create_train_iterator(wrong, global_batch_size=8, seed=0, sharding=mesh)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
       input_pipeline.create_eval_iterator(wrong, "train", global_batch_size=8, sharding=mesh)
+
+
+# --- two real processes --------------------------------------------------------------
+
+_WORKER = r'''
+import os, sys
+process_id, port, out, npz, repo = sys.argv[1:6]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, repo)
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id))
+import numpy as np
+from jax.sharding import Mesh
+from diffusion_jax import config_base, input_pipeline
+config = config_base.get_base_config().data
+config.dataset, config.path, config.image_size = "npz", npz, 8
+mesh = Mesh(np.array(jax.devices()), ("data",))
+train = input_pipeline.create_train_iterator(config, global_batch_size=16, seed=3,
+                                             start_step=2, sharding=mesh)
+saved = {}
+for step in (2, 3):
+  batch = next(train)
+  for shard in batch.addressable_shards:
+    saved[f"train{step}_{shard.index[0].start}"] = np.asarray(shard.data)
+evaluation = input_pipeline.create_eval_iterator(config, "train", global_batch_size=16,
+                                                 sharding=mesh)
+for k, (images, mask) in enumerate(evaluation):
+  for shard, mask_shard in zip(images.addressable_shards, mask.addressable_shards):
+    saved[f"eval{k}_{shard.index[0].start}"] = np.asarray(shard.data)
+    saved[f"mask{k}_{mask_shard.index[0].start}"] = np.asarray(mask_shard.data)
+np.savez(out, **saved)
+'''
+
+
+def test_two_processes_assemble_the_single_process_batch(small_npz, tmp_path):
+  """2 processes x 4 CPU devices on 127.0.0.1: each holds its half of the global batch."""
+  import socket
+  import subprocess
+  import sys
+  path, images = small_npz
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  (tmp_path / "worker.py").write_text(_WORKER)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen(
+      [sys.executable, str(tmp_path / "worker.py"), str(i), str(port),
+       str(tmp_path / f"out{i}.npz"), path, repo],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  saved = {}
+  for i in range(2):
+    with np.load(tmp_path / f"out{i}.npz") as f:
+      saved.update({(i, k): f[k] for k in f.files})
+  config = data_config(dataset="npz", path=path, image_size=8, channels=3)
+  reference = model_batches(input_pipeline.create_train_dataset(
+      config, global_batch_size=16, seed=3, start_step=2, process_index=0, process_count=1), 2)
+  for k, step in enumerate((2, 3)):
+    for row in range(0, 16, 2):
+      owner = 0 if row < 8 else 1  # process 0 holds devices 0-3, rows 0-7
+      np.testing.assert_array_equal(saved[owner, f"train{step}_{row}"],
+                                    reference[k][0][row:row + 2])
+  evaluated = np.concatenate([saved[0 if r < 8 else 1, f"eval{k}_{r}"]
+                              for k in range(2) for r in range(0, 16, 2)])
+  mask = np.concatenate([saved[0 if r < 8 else 1, f"mask{k}_{r}"]
+                         for k in range(2) for r in range(0, 16, 2)])
+  assert mask.sum() == 24 and mask[:24].all()
+  ids, flips = identify(evaluated[:24], images)
+  np.testing.assert_array_equal(ids, np.arange(24))
+  assert not flips.any()
