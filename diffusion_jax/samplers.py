@@ -121,6 +121,7 @@ def ancestral_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
   Returns:
     [B, H, W, C] samples in the schedule's dtype.
   """
+  _check_types(model_mean_type, model_var_type)
   keys = randomness.as_key_array(keys)
   x_T = _initial_noise(schedule, keys, shape)
   return denoise_from(model_fn, schedule, x_T, schedule.num_timesteps - 1, keys,
@@ -174,33 +175,33 @@ def progressive_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
-  """An increasing subsequence of [0, T) with `num_steps` timesteps for DDIM.
+  """An increasing subsequence of [0, T) of about `num_steps` timesteps for DDIM.
 
   Args:
     num_timesteps: T.
     num_steps: the length S of the subsequence, 1 <= S <= T.
     spacing: "uniform" (0, k, 2k, ..., k = T // S; the DDIM paper's), "linspace"
       (rounded linspace from 0 to T - 1, includes the last step) or "quad" (the DDIM
-      paper's quadratic spacing up to 0.8 T).
+      paper's quadratic spacing up to 0.8 T; its repeated timesteps, which would be
+      identity steps, are dropped, so it may return fewer than S).
+
+  Returns:
+    [S'] int64 timesteps, strictly increasing.
 
   Raises:
-    ValueError: for an unknown spacing, S outside [1, T], or a spacing that would repeat
-      timesteps.
+    ValueError: for an unknown spacing, or S outside [1, T].
   """
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps={num_steps} must be in [1, T={num_timesteps}].")
   if spacing == "uniform":
     seq = np.arange(num_steps) * (num_timesteps // num_steps)
   elif spacing == "linspace":
-    seq = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+    seq = np.round(np.linspace(0, num_timesteps - 1, num_steps))
   elif spacing == "quad":
-    seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps)**2).astype(np.int64)
+    seq = np.floor(np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps)**2)
   else:
     raise ValueError(f"Unknown spacing {spacing!r}; use 'uniform', 'linspace' or 'quad'.")
-  if len(np.unique(seq)) != num_steps:
-    raise ValueError(f"spacing={spacing!r} repeats timesteps for S={num_steps}, "
-                     f"T={num_timesteps}; use fewer steps or 'uniform'.")
-  return seq.astype(np.int64)
+  return np.unique(seq.astype(np.int64))
 
 
 def ddim_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,

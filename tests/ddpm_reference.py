@@ -226,13 +226,13 @@ def prior_bits(c, x0):
 # --- Samplers -------------------------------------------------------------------------
 
 
-def ancestral(c, model, x_T, noises, mean_type, var_type, clip, t_start=None,
+def ancestral(c, model, x_T, noises, mean_type, var_type, clip, t_start=None, t_end=0,
               record_every=None):
-  """Algorithm 2 from x_T; noises[t] is the noise added at step t (a dict or array)."""
+  """Algorithm 2 from x_T, steps t_start..t_end; noises[t] is the noise added at step t."""
   x = x_T
   t_start = len(c["betas"]) - 1 if t_start is None else t_start
   records = []
-  for t in range(t_start, -1, -1):
+  for t in range(t_start, t_end - 1, -1):
     tb = np.full(x.shape[0], t)
     mean, logvar, x0 = p_mean_var(c, model(x, tb), x, tb, mean_type, var_type, clip)
     if record_every and t % record_every == 0:

@@ -1,0 +1,269 @@
+"""Samplers vs float64 reference loops, DDIM(eta=1) == ancestral, jit/vmap/sharding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import ddpm_reference as ref
+from diffusion_jax import samplers
+from diffusion_jax import schedules
+
+T = 30
+BETA = ("linear", T, 1e-3, 0.3)
+SHAPE = (2, 2, 2)  # Per-sample (H, W, C).
+B = 8
+
+
+def rel_err(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+
+
+def jnp_model(var_type):
+  def model_fn(x, t):
+    w = 0.5 + 0.4 * jnp.cos(t.astype(x.dtype)).reshape(-1, 1, 1, 1)
+    mean = w * jnp.tanh(x) + 0.1 * x
+    extra = {"learned": -4.0 + jnp.tanh(x), "learned_range": jnp.tanh(0.7 * x)}
+    return jnp.concatenate([mean, extra[var_type]], -1) if var_type in extra else mean
+  return model_fn
+
+
+def np_model(var_type):
+  def model(x, t):
+    w = 0.5 + 0.4 * np.cos(np.asarray(t, np.float64)).reshape(-1, 1, 1, 1)
+    mean = w * np.tanh(x) + 0.1 * x
+    extra = {"learned": -4.0 + np.tanh(x), "learned_range": np.tanh(0.7 * x)}
+    return np.concatenate([mean, extra[var_type]], -1) if var_type in extra else mean
+  return model
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def noise_at(keys, index, shape, dtype):
+  """The documented convention: example b, index i -> normal(fold_in(keys[b], i))."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape, dtype))(
+      keys)
+
+
+def noises(keys, dtype=jnp.float64, shape=SHAPE, steps=T):
+  """{t: [B, *shape]} for every step, and x_T (index T)."""
+  return {t: np.asarray(noise_at(keys, t, shape, dtype), np.float64)
+          for t in range(steps + 1)}
+
+
+def fold(keys, index):
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, index)
+
+
+@functools.lru_cache(maxsize=None)
+def coefs():
+  return ref.coefficients(ref.betas(*BETA))
+
+
+def sched(dtype):
+  return schedules.make_schedule(schedules.get_beta_schedule(*BETA), dtype)
+
+
+KEYS = jax.random.split(jax.random.key(42), B)
+
+
+@pytest.mark.parametrize("mean_type,var_type,clip", [
+    ("eps", "fixedlarge", True), ("x_start", "fixedsmall", False),
+    ("v", "learned_range", True), ("mean", "learned", False)])
+def test_ancestral_matches_reference_float64(mean_type, var_type, clip):
+  with jax.enable_x64(True):
+    z = noises(KEYS)
+    kw = dict(model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip)
+    out = jax.jit(lambda k: samplers.ancestral_sample(
+        jnp_model(var_type), sched(jnp.float64), k, SHAPE, **kw))(KEYS)
+    assert out.dtype == jnp.float64 and out.shape == (B,) + SHAPE
+    expected = ref.ancestral(coefs(), np_model(var_type), z[T], z, mean_type, var_type, clip)
+    assert rel_err(out, expected) <= 1e-10
+
+
+def test_ancestral_float32_path():
+  out = jax.jit(lambda k: samplers.ancestral_sample(
+      jnp_model("fixedlarge"), sched(jnp.float32), k, SHAPE, clip_denoised=False))(KEYS)
+  assert out.dtype == jnp.float32
+  with jax.enable_x64(True):
+    z = noises(KEYS, jnp.float32)
+  expected = ref.ancestral(coefs(), np_model("fixedlarge"), z[T], z, "eps", "fixedlarge",
+                           False)
+  # Each step rounds at a few u of the O(1) state; the chain does not amplify it.
+  np.testing.assert_allclose(out, expected, rtol=0, atol=T * 16 * ref.U32)
+
+
+@pytest.mark.parametrize("mean_type,var_type,clip,eta,seq", [
+    ("eps", "fixedlarge", True, 0.0, [0, 4, 9, 17, 29]),
+    ("v", "learned_range", False, 0.5, [2, 3, 11, 20, 27]),
+    ("mean", "fixedsmall", True, 1.0, list(range(0, T, 3)))])
+def test_ddim_matches_reference_float64(mean_type, var_type, clip, eta, seq):
+  with jax.enable_x64(True):
+    z = noises(KEYS)
+    out = jax.jit(lambda k: samplers.ddim_sample(
+        jnp_model(var_type), sched(jnp.float64), k, SHAPE, timesteps=seq, eta=eta,
+        model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip))(KEYS)
+    assert out.dtype == jnp.float64
+    expected = ref.ddim(coefs(), np_model(var_type), z[T], z, seq, eta, mean_type, var_type,
+                        clip)
+    assert rel_err(out, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])
+def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall(dtype, tol):
+  """The same noise (fold_in(keys[b], t)) makes the two samplers agree up to rounding."""
+  keys = KEYS[:4]
+  kw = dict(model_mean_type="eps", model_var_type="fixedsmall", clip_denoised=True)
+  with jax.enable_x64(dtype == jnp.float64):
+    s1000 = schedules.make_schedule(schedules.get_beta_schedule("linear", 1000), dtype)
+
+    def both(k):
+      return (samplers.ddim_sample(jnp_model("fixedsmall"), s1000, k, SHAPE, eta=1.0, **kw),
+              samplers.ancestral_sample(jnp_model("fixedsmall"), s1000, k, SHAPE, **kw))
+
+    ddim, ancestral = jax.jit(both)(keys)
+    assert ddim.dtype == dtype
+    assert rel_err(ddim, ancestral) <= tol
+    # ... and neither is deterministic: eta = 0 gives something else.
+    ddim0 = jax.jit(lambda k: samplers.ddim_sample(
+        jnp_model("fixedsmall"), s1000, k, SHAPE, eta=0.0, **kw))(keys)
+    assert rel_err(ddim0, ancestral) > 1e-2
+
+
+def test_progressive_records_predictions():
+  with jax.enable_x64(True):
+    z = noises(KEYS)
+    every = 7
+    out = jax.jit(lambda k: samplers.progressive_sample(
+        jnp_model("fixedlarge"), sched(jnp.float64), k, SHAPE, every=every))(KEYS)
+    final, records = ref.ancestral(coefs(), np_model("fixedlarge"), z[T], z, "eps",
+                                   "fixedlarge", True, record_every=every)
+    assert list(out["timesteps"]) == [r[0] for r in records] == [28, 21, 14, 7, 0]
+    assert out["pred_xstart"].shape == (B, 5) + SHAPE
+    assert rel_err(out["sample"], final) <= 1e-10
+    for i, (_, x0, xt) in enumerate(records):
+      assert rel_err(out["pred_xstart"][:, i], x0) <= 1e-10
+      assert rel_err(out["x_t"][:, i], xt) <= 1e-10
+    # The last prediction of x0 is the sample itself (no noise at t = 0).
+    assert rel_err(out["pred_xstart"][:, -1], out["sample"]) <= 1e-10
+
+
+def test_completions_share_the_latent():
+  t_split = 12
+  m = 3
+  with jax.enable_x64(True):
+    z = noises(KEYS)
+    out = jax.jit(lambda k: samplers.sample_completions(
+        jnp_model("fixedsmall"), sched(jnp.float64), k, SHAPE, t_split=t_split,
+        num_completions=m, model_var_type="fixedsmall"))(KEYS)
+    assert out["samples"].shape == (B, m) + SHAPE
+    c, model = coefs(), np_model("fixedsmall")
+    shared = ref.ancestral(c, model, z[T], z, "eps", "fixedsmall", True, t_start=T - 1,
+                           t_end=t_split + 1)
+    assert rel_err(out["x_t"], shared) <= 1e-10
+    base = fold(KEYS, T + 1)
+    for j in range(m):
+      zj = noises(fold(base, j))
+      expected = ref.ancestral(c, model, shared, zj, "eps", "fixedsmall", True,
+                               t_start=t_split)
+      assert rel_err(out["samples"][:, j], expected) <= 1e-10
+    spread = np.std(np.asarray(out["samples"]), axis=1).mean()
+    assert spread > 1e-3  # The completions differ from each other.
+
+
+def test_interpolation_through_shared_noise():
+  t = 17
+  lambdas = np.array([0.0, 0.25, 1.0])
+  rng = np.random.default_rng(0)
+  x_a, x_b = rng.uniform(-1, 1, (2, B) + SHAPE)
+  with jax.enable_x64(True):
+    z = noises(KEYS)
+    out = jax.jit(lambda a, b, k: samplers.interpolate(
+        jnp_model("fixedlarge"), sched(jnp.float64), a, b, k, t=t, lambdas=lambdas))(
+            x_a, x_b, KEYS)
+    assert out["samples"].shape == (B, 3) + SHAPE
+    c = coefs()
+    enc = fold(KEYS, T + 2)
+    tb = np.full(B, t)
+    xt_a = ref.q_sample(c, x_a, tb, np.asarray(noise_at(enc, 0, SHAPE, jnp.float64)))
+    xt_b = ref.q_sample(c, x_b, tb, np.asarray(noise_at(enc, 1, SHAPE, jnp.float64)))
+    assert rel_err(out["x_t_a"], xt_a) <= 1e-10 and rel_err(out["x_t_b"], xt_b) <= 1e-10
+    for i, lam in enumerate(lambdas):
+      expected = ref.ancestral(c, np_model("fixedlarge"), (1 - lam) * xt_a + lam * xt_b, z,
+                               "eps", "fixedlarge", True, t_start=t)
+      assert rel_err(out["samples"][:, i], expected) <= 1e-10
+
+
+def _all_samplers(s, keys, x_a, x_b):
+  model = jnp_model("learned_range")
+  kw = dict(model_mean_type="v", model_var_type="learned_range")
+  return {
+      "ancestral": samplers.ancestral_sample(model, s, keys, SHAPE, **kw),
+      "ddim": samplers.ddim_sample(model, s, keys, SHAPE, timesteps=[0, 5, 10, 20],
+                                   eta=0.7, **kw),
+      "progressive": samplers.progressive_sample(model, s, keys, SHAPE, every=10,
+                                                 **kw)["pred_xstart"],
+      "completions": samplers.sample_completions(model, s, keys, SHAPE, t_split=15,
+                                                 num_completions=2, **kw)["samples"],
+      "interpolate": samplers.interpolate(model, s, x_a, x_b, keys, t=20,
+                                          lambdas=jnp.array([0.0, 0.5]), **kw)["samples"],
+  }
+
+
+def test_samplers_under_jit_vmap_and_8_device_sharding():
+  """Per-example keys: a sample does not depend on its batch or on the sharding."""
+  s = sched(jnp.float32)
+  keys = jax.random.split(jax.random.key(7), 16)
+  rng = np.random.default_rng(1)
+  x_a, x_b = rng.uniform(-1, 1, (2, 16) + SHAPE).astype(np.float32)
+  plain = jax.device_get(jax.jit(lambda k, a, b: _all_samplers(s, k, a, b))(keys, x_a, x_b))
+  # vmap over 2 groups of 8, with the 8 examples of each group spread over 8 devices.
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  assert mesh.size == 8
+  sharding = NamedSharding(mesh, P(None, "batch"))
+  put = lambda a: jax.device_put(a.reshape((2, 8) + a.shape[1:]), sharding)
+  vmapped = jax.jit(jax.vmap(lambda k, a, b: _all_samplers(s, k, a, b)))(
+      put(keys), put(x_a), put(x_b))
+  for name, value in plain.items():
+    assert vmapped[name].sharding.is_equivalent_to(sharding, vmapped[name].ndim), name
+    np.testing.assert_allclose(np.asarray(vmapped[name]).reshape(value.shape), value,
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sampler_errors():
+  s = sched(jnp.float32)
+  model = jnp_model("fixedlarge")
+  with pytest.raises(ValueError, match="strictly increasing"):
+    samplers.ddim_sample(model, s, KEYS, SHAPE, timesteps=[0, 5, 5])
+  with pytest.raises(ValueError, match=r"in \[0, 30\)"):
+    samplers.ddim_sample(model, s, KEYS, SHAPE, timesteps=[0, 30])
+  with pytest.raises(ValueError, match="t_split must be a Python int in"):
+    samplers.sample_completions(model, s, KEYS, SHAPE, t_split=30, num_completions=2)
+  with pytest.raises(ValueError, match="one PRNG key per example"):
+    samplers.ancestral_sample(model, s, jnp.zeros((8,)), SHAPE)
+  with pytest.raises(ValueError, match="Got 4 keys for a batch of 8"):
+    samplers.interpolate(model, s, jnp.zeros((8,) + SHAPE), jnp.zeros((8,) + SHAPE),
+                         KEYS[:4], t=3, lambdas=[0.5])
+  with pytest.raises(ValueError, match="Unknown model_var_type"):
+    samplers.ancestral_sample(model, s, KEYS, SHAPE, model_var_type="large")
+
+
+def test_ddim_timesteps():
+  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 50)[:3], [0, 20, 40])
+  assert samplers.ddim_timesteps(1000, 50)[-1] == 980
+  lin = samplers.ddim_timesteps(1000, 10, "linspace")
+  assert lin[0] == 0 and lin[-1] == 999 and len(lin) == 10
+  quad = samplers.ddim_timesteps(1000, 20, "quad")
+  np.testing.assert_array_equal(
+      quad, [int((np.sqrt(800) * i / 19)**2) for i in range(20)])
+  assert np.all(np.diff(quad) > 0) and quad[-1] == 800
+  # DDIM's quadratic recipe repeats early timesteps for large S: they are dropped.
+  quad50 = samplers.ddim_timesteps(1000, 50, "quad")
+  assert len(quad50) == 49 and np.all(np.diff(quad50) > 0)
+  with pytest.raises(ValueError, match="num_steps=0"):
+    samplers.ddim_timesteps(1000, 0)
+  with pytest.raises(ValueError, match="Unknown spacing"):
+    samplers.ddim_timesteps(1000, 10, "cosine")
