@@ -329,7 +329,8 @@ def _not_prepared_message(name: str, builder) -> str:
         f"--config.data.tfds_data_dir={root}.")
   return (
       f"The tfds dataset {name} is not prepared under {root}. Prepare it once (it downloads "
-      f"LSUN from http://dl.yf.io/lsun) with `tfds build {name} --data_dir={root} "
+      "LSUN from http://dl.yf.io/lsun and reads its LMDB files through tensorflow-io: "
+      f"`pip install tensorflow-io`) with `tfds build {name} --data_dir={root} "
       f"--file_format=array_record` and set --config.data.tfds_data_dir={root}. Training "
       "reads it by random access, hence the ArrayRecord format.")
 
