@@ -101,6 +101,38 @@ def param_shapes(unet_config: UNetConfig) -> Params:
       lambda: model.init({"params": jax.random.key(0)}, x, t, train=False)["params"])
 
 
+_LAYER_ORDER = ("dense0", "dense1", "norm1", "conv1", "temb_proj", "norm2", "conv2",
+                "nin_shortcut", "norm", "q", "k", "v", "proj_out", "conv")
+_LEAF_ORDER = ("kernel", "scale", "bias")
+
+
+def _forward_order(path: tuple[str, ...], num_levels: int) -> tuple:
+  """Sort key putting parameter paths in the order the forward pass uses them."""
+  head = path[0]
+  if head.startswith("down_"):
+    top = (2, int(head[len("down_"):]))
+  elif head.startswith("up_"):
+    top = (4, num_levels - 1 - int(head[len("up_"):]))
+  else:
+    top = ({"temb": 0, "conv_in": 1, "mid": 3, "norm_out": 5, "conv_out": 6}[head], 0)
+  inner = []
+  for part in path[1:-1]:
+    kind, _, index = part.rpartition("_")
+    if kind in ("block", "attn"):  # block_j, then attn_j; downsample/upsample last.
+      inner.append((int(index), kind == "attn", 0))
+    elif part in ("downsample", "upsample"):
+      inner.append((1 << 30, 0, 0))
+    else:
+      inner.append((-1, 0, _LAYER_ORDER.index(part)))
+  return top, tuple(inner), _LEAF_ORDER.index(path[-1])
+
+
+def param_paths(unet_config: UNetConfig) -> list[tuple[str, ...]]:
+  """The parameter paths, e.g. ('down_0', 'block_0', 'conv1', 'kernel'), in forward order."""
+  paths = flax.traverse_util.flatten_dict(param_shapes(unet_config)).keys()
+  return sorted(paths, key=lambda p: _forward_order(p, unet_config.num_resolutions))
+
+
 def count_params(unet_config_or_params: UNetConfig | Params) -> int:
   """Number of scalar parameters of a config (via `param_shapes`) or of a parameter tree."""
   tree = unet_config_or_params

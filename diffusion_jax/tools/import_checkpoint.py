@@ -1,0 +1,122 @@
+r"""Imports released DDPM weights into a workdir that sampling and evaluation read directly.
+
+  python -m diffusion_jax.tools.import_checkpoint --config configs/cifar10.py \
+      --src diffusion_cifar10_model/model.ckpt-790000 --workdir workdirs/cifar10_official
+  python -m diffusion_jax.tools.import_checkpoint --config configs/lsun_church256.py \
+      --src ddpm-ema-church-256/ --workdir workdirs/church_official
+
+Sources: an official TensorFlow checkpoint (prefix, or a directory: its latest checkpoint;
+`--ema` (default) takes the /ExponentialMovingAverage copies, `--raw` the raw weights),
+or a diffusers `UNet2DModel` (a directory with config.json and
+diffusion_pytorch_model.safetensors/.bin, possibly under unet/, or a weights file).
+The weights must fit the config's architecture exactly; every problem is reported before
+anything is written, and a workdir that already holds checkpoints is never touched.
+The imported weights become both the parameters and the EMA parameters of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from diffusion_jax import checkpointing
+from diffusion_jax.convert import diffusers_weights
+from diffusion_jax.convert import tf_checkpoint
+from diffusion_jax.models import build
+
+FORMATS = ("auto", "tf", "diffusers")
+
+
+def load_released_weights(src: str, config: ml_collections.ConfigDict, *,
+                          use_ema: bool = True, fmt: str = "auto"
+                          ) -> tuple[dict[str, Any], int]:
+  """Reads and checks released weights for `config`'s U-Net (writes nothing).
+
+  Args:
+    src: TF checkpoint (prefix or directory) or diffusers model (directory or file).
+    config: the experiment configuration whose architecture the weights must fit.
+    use_ema: TF only: the EMA copies (True) or the raw weights (False).
+    fmt: "auto" (detect), "tf" or "diffusers".
+
+  Returns:
+    (params, step): float32 NumPy parameters; the TF global_step, or 0.
+
+  Raises:
+    CheckpointMismatchError / ValueError / FileNotFoundError: before anything is written.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"Unknown format {fmt!r}; use one of {FORMATS}.")
+  unet_config = build.unet_config_from(config)
+  if fmt == "auto":
+    if tf_checkpoint.is_tf_checkpoint(src):
+      fmt = "tf"
+    elif diffusers_weights.is_diffusers_source(src):
+      fmt = "diffusers"
+    else:
+      raise FileNotFoundError(
+          f"{src} is neither a TensorFlow checkpoint (prefix with .index, or a directory "
+          f"with a 'checkpoint' file) nor a diffusers model (config.json + "
+          f"{diffusers_weights.WEIGHTS_NAME}); pass --format to force one.")
+  if fmt == "tf":
+    params, step = tf_checkpoint.load_tf_checkpoint(src, unet_config, use_ema=use_ema)
+    return params, int(step or 0)
+  params, _ = diffusers_weights.load_diffusers(src, unet_config)
+  return params, 0
+
+
+def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict, *,
+                      use_ema: bool = True, fmt: str = "auto") -> str:
+  """Imports released weights into a new workdir as this project's checkpoint.
+
+  Args:
+    src: see `load_released_weights`.
+    workdir: destination; must not hold checkpoints yet.
+    config: the experiment configuration (saved with the checkpoint).
+    use_ema: TF only: the EMA copies (True) or the raw weights (False).
+    fmt: "auto", "tf" or "diffusers".
+
+  Returns:
+    The path of the written checkpoint.
+  """
+  existing = checkpointing.list_steps(workdir)
+  if existing:
+    raise FileExistsError(f"The workdir {workdir} already holds checkpoints "
+                          f"{[f'{sub}/{step}' for step, sub in existing]}; choose a new "
+                          f"--workdir (nothing was written).")
+  params, step = load_released_weights(src, config, use_ema=use_ema, fmt=fmt)
+  logging.info("Read %d tensors from %s (step %d).", len(jax.tree_util.tree_leaves(params)),
+               src, step)
+  return checkpointing.write_params_checkpoint(workdir, config, params, ema_params=params,
+                                               step=step)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_SRC = flags.DEFINE_string("src", None, "TF checkpoint (prefix or directory) or diffusers "
+                           "model (directory or weights file).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint to.")
+_FORMAT = flags.DEFINE_enum("format", "auto", FORMATS, "Source format.")
+_EMA = flags.DEFINE_bool("ema", False, "TF: import the EMA weights (the default).")
+_RAW = flags.DEFINE_bool("raw", False, "TF: import the raw (non-EMA) weights.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _EMA.value and _RAW.value:
+    raise app.UsageError("Pass at most one of --ema and --raw.")
+  path = import_checkpoint(_SRC.value, _WORKDIR.value, _CONFIG.value,
+                           use_ema=not _RAW.value, fmt=_FORMAT.value)
+  logging.info("Wrote %s", path)
+  print(path)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "src", "workdir"])
+  app.run(main)

@@ -1,0 +1,94 @@
+"""Output parity with diffusers' UNet2DModel, the PyTorch port of the official network.
+
+Random weights are set in the PyTorch model, converted by our importer, and both networks
+run on the same random x and t in eval mode (no dropout). diffusers' UNet2DModel has no
+setting for the pooling / plain-nearest resampling (resamp_with_conv=False): for that path
+its down/upsamplers are replaced by diffusers' own `Downsample2D(use_conv=False)` (2x2
+average pooling) and `Upsample2D(use_conv=False)` (nearest x2) layers.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from unet_fixtures import DDPM_CIFAR10_32
+from unet_fixtures import load_config
+from unet_fixtures import SMALL
+from unet_fixtures import SMALL_DIFFUSERS
+from unet_fixtures import torch_unet
+
+from diffusion_jax import models
+from diffusion_jax.convert import diffusers_weights
+from diffusion_jax.models import UNet
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.downsampling import Downsample2D  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusers.models.upsampling import Upsample2D  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(unet_config, params, x, t):
+  return UNet(unet_config).apply({"params": params}, x, t, train=False)
+
+
+def compare(model, unet_config, batch, seed):
+  """Relative L2 error of our network (weights imported from `model`) vs `model`."""
+  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+  params = diffusers_weights.params_from_state_dict(state_dict, unet_config)
+  rng = np.random.default_rng(seed)
+  size = unet_config.image_size
+  x = rng.standard_normal((batch, size, size, unet_config.in_channels)).astype(np.float32)
+  t = rng.integers(0, 1000, size=batch).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                 torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(apply(unet_config, params, x, t))
+  assert got.shape == want.shape
+  assert np.linalg.norm(want) > 0.1 * np.sqrt(want.size)  # A non-trivial output.
+  return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def test_cifar10_model_matches_diffusers():
+  model = torch_unet(DDPM_CIFAR10_32, seed=0)
+  # diffusers' own count of the official CIFAR10 network.
+  assert sum(p.numel() for p in model.parameters()) == 35_746_307
+  unet_config = dataclasses.replace(models.unet_config_from(load_config("cifar10.py")),
+                                    dropout=0.0)
+  assert compare(model, unet_config, batch=2, seed=0) <= 1e-5
+
+
+def test_small_model_with_conv_resampling_matches_diffusers():
+  model = torch_unet(SMALL_DIFFUSERS, seed=1)
+  assert compare(model, SMALL, batch=2, seed=1) <= 1e-5
+
+
+def test_small_model_with_pooling_resampling_matches_diffusers_layers():
+  model = torch_unet(SMALL_DIFFUSERS, seed=2)
+  channels = SMALL_DIFFUSERS["block_out_channels"]
+  for block, c in zip(model.down_blocks[:-1], channels[:-1]):
+    block.downsamplers[0] = Downsample2D(c, use_conv=False)  # 2x2 average pooling
+  for block, c in zip(model.up_blocks[:-1], channels[::-1][:-1]):
+    block.upsamplers[0] = Upsample2D(c, use_conv=False)  # nearest x2, no conv
+  pooled = dataclasses.replace(SMALL, resamp_with_conv=False)
+  assert compare(model, pooled, batch=2, seed=2) <= 1e-5
+
+
+def test_exported_model_loads_in_diffusers_and_computes_the_same(tmp_path):
+  params = models.init_params(SMALL, jax.random.key(3))
+  # Official init leaves conv2/proj_out/conv_out near zero: randomize them for the test.
+  rng = np.random.default_rng(3)
+  params = jax.tree_util.tree_map(
+      lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
+      params)
+  diffusers_weights.export_diffusers(params, SMALL, str(tmp_path))
+  model = diffusers.UNet2DModel.from_pretrained(str(tmp_path)).eval()
+  x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  t = np.array([5, 640], np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                 torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(apply(SMALL, params, x, t))
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
