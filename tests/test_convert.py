@@ -297,3 +297,45 @@ def test_torch_files_load_with_weights_only_and_never_run_code(small_weights, tm
   assert not marker.exists()
   with pytest.raises(ValueError, match="Unknown weights file type"):
     diffusers_weights.read_state_dict(str(tmp_path / "weights.pkl"))
+
+
+# --- The import and export commands ------------------------------------------------------
+
+
+def small_experiment_config():
+  """An experiment config whose U-Net is SMALL (learned variances: 6 output channels)."""
+  from diffusion_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.shrink(config_base.get_base_config())
+  config.data.image_size, config.data.channels = 16, 3
+  config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1, 2, 2), 2
+  config.model.attn_resolutions, config.model.num_groups = (8, 4), 8
+  config.model.dropout = 0.0
+  config.diffusion.model_var_type = "learned_range"
+  assert models.unet_config_from(config) == SMALL
+  return config
+
+
+def test_import_tool_checks_everything_before_writing(small_weights, tmp_path):
+  from diffusion_jax.tools import import_checkpoint  # pylint: disable=g-import-not-at-top
+  state_dict, official = small_weights
+  prefix = write_tf_checkpoint(str(tmp_path / "model.ckpt-5"), official)
+  hf_dir = str(tmp_path / "hf")
+  diffusers_weights.export_diffusers(
+      diffusers_weights.params_from_state_dict(state_dict, SMALL), SMALL, hf_dir)
+  config = small_experiment_config()
+  config.model.num_res_blocks = 1  # Not the checkpoints' architecture.
+  workdir = tmp_path / "workdir"
+  with pytest.raises(mismatch.CheckpointMismatchError, match="unused by the model: model/down_0/block_1/conv1/W"):
+    import_checkpoint.import_checkpoint(prefix, str(workdir), config, use_ema=False)
+  with pytest.raises(mismatch.CheckpointMismatchError, match="num_res_blocks: checkpoint 2"):
+    import_checkpoint.import_checkpoint(hf_dir, str(workdir), config)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="neither a TensorFlow checkpoint"):
+    import_checkpoint.import_checkpoint(str(tmp_path / "empty"), str(workdir), config)
+  assert not workdir.exists()  # Nothing was written.
+  # The right config reads both sources to the same weights (TF --raw here).
+  config = small_experiment_config()
+  from_tf, step = import_checkpoint.load_released_weights(prefix, config, use_ema=False)
+  from_hf, _ = import_checkpoint.load_released_weights(hf_dir, config)
+  assert step == 0  # No global_step in this file.
+  assert_trees_equal(from_tf, from_hf)

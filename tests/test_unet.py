@@ -5,30 +5,20 @@ Whole-network parity with diffusers' UNet2DModel is in test_unet_parity.py.
 """
 
 import dataclasses
-import importlib.util
 import math
-import os
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from unet_fixtures import load_config
+from unet_fixtures import SMALL
 
 from diffusion_jax import models
 from diffusion_jax.models import layers
-from diffusion_jax.models import UNet, UNetConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8, 4),
-                   dropout=0.0, num_groups=8, image_size=16, in_channels=3, out_channels=6)
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from diffusion_jax.models import UNet
+from diffusion_jax.models import UNetConfig
 
 
 def random_params(unet_config, seed):

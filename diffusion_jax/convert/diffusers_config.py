@@ -11,7 +11,6 @@ with the offending keys named, since the weights would compute a different funct
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 from diffusion_jax.models.unet import UNetConfig
@@ -177,8 +176,3 @@ def architecture_differences(found: UNetConfig, expected: UNetConfig) -> list[st
           f"{getattr(expected, name)!r}"
           for name in _ARCH_FIELDS if getattr(found, name) != getattr(expected, name)]
 
-
-def replace_runtime_fields(unet_config: UNetConfig, *, dropout: float,
-                           dtype: str) -> UNetConfig:
-  """`unet_config` with another dropout and compute dtype (same weights)."""
-  return dataclasses.replace(unet_config, dropout=dropout, dtype=dtype)

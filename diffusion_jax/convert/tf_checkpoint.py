@@ -41,23 +41,38 @@ def tf_variables(unet_config: UNetConfig,
           for path in build.param_paths(unet_config)}
 
 
+def _index_prefixes(directory: str) -> list[str]:
+  return sorted(os.path.join(directory, name[:-len(".index")])
+                for name in os.listdir(directory) if name.endswith(".index"))
+
+
 def resolve_checkpoint(path: str) -> str:
-  """A checkpoint prefix: `path` itself, or the latest checkpoint of a directory."""
+  """A checkpoint prefix: `path` itself, or the one checkpoint of a directory.
+
+  A directory resolves through its `checkpoint` file (the latest), or else to its only
+  `*.index` checkpoint.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path):
     latest = tf.train.latest_checkpoint(path)
-    if latest is None:
+    if latest is not None:
+      return latest
+    prefixes = _index_prefixes(path)
+    if len(prefixes) == 1:
+      return prefixes[0]
+    if not prefixes:
       raise FileNotFoundError(f"No TensorFlow checkpoint in the directory {path}.")
-    return latest
+    raise ValueError(f"{path} holds several checkpoints {prefixes}; pass one prefix.")
   if not os.path.exists(path + ".index"):
     raise FileNotFoundError(f"No TensorFlow checkpoint at {path} (expected {path}.index).")
   return path
 
 
 def is_tf_checkpoint(path: str) -> bool:
-  """Whether `path` is a TF checkpoint prefix or a directory with a `checkpoint` file."""
+  """Whether `path` is a TF checkpoint prefix or a directory holding checkpoints."""
   if os.path.isdir(path):
-    return os.path.exists(os.path.join(path, "checkpoint"))
+    return (os.path.exists(os.path.join(path, "checkpoint"))
+            or bool(_index_prefixes(path)))
   return os.path.exists(path + ".index")
 
 
