@@ -69,57 +69,71 @@ def data(batch=8, seed=0):
   return x0, keys
 
 
+CONFIGS = [("eps", "fixedlarge", False, 1), ("x_start", "learned_range", True, 5),
+           ("v", "fixedsmall", True, 20), ("mean", "learned_range", False, 4)]
+
+
+def _bounds(x, keys, dtype, configs):
+  s = schedules.make_schedule(schedules.get_beta_schedule(*BETA), dtype)
+  return [bound.calc_bpd(jnp_model(var_type), s, x, keys, model_mean_type=mean_type,
+                         model_var_type=var_type, clip_denoised=clip, t_chunk=t_chunk)
+          for mean_type, var_type, clip, t_chunk in configs]
+
+
 @functools.lru_cache(maxsize=None)
-def compiled(mean_type, var_type, clip, t_chunk, dtype_name):
-  s = schedules.make_schedule(schedules.get_beta_schedule(*BETA), jnp.dtype(dtype_name))
-  return jax.jit(lambda x, k: bound.calc_bpd(
-      jnp_model(var_type), s, x, k, model_mean_type=mean_type, model_var_type=var_type,
-      clip_denoised=clip, t_chunk=t_chunk))
-
-
-@pytest.mark.parametrize("mean_type,var_type,clip,t_chunk", [
-    ("eps", "fixedlarge", False, 1), ("x_start", "learned_range", True, 5),
-    ("v", "fixedsmall", True, 20), ("mean", "learned_range", False, 4)])
-def test_calc_bpd_float64_matches_reference(mean_type, var_type, clip, t_chunk):
+def float64_runs():
+  """All configurations in one compiled float64 program (one compilation)."""
   x0, keys = data()
   with jax.enable_x64(True):
+    return jax.device_get(jax.jit(lambda x, k: _bounds(x, k, jnp.float64, CONFIGS))(x0, keys))
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)))
+def test_calc_bpd_float64_matches_reference(i):
+  mean_type, var_type, clip, _ = CONFIGS[i]
+  x0, keys = data()
+  out = float64_runs()[i]
+  with jax.enable_x64(True):
     expected = reference_bound(x0, keys, mean_type, var_type, clip)
-    out = compiled(mean_type, var_type, clip, t_chunk, "float64")(x0, keys)
-    for key, value in expected.items():
-      assert out[key].dtype == jnp.float64 and out[key].shape == value.shape, key
-      assert rel_err(out[key], value) <= 1e-10, key
+  for key, value in expected.items():
+    assert out[key].dtype == np.float64 and out[key].shape == value.shape, key
+    assert rel_err(out[key], value) <= 1e-10, key
+
+
+SHARD_X0, SHARD_KEYS = data(batch=16, seed=2)
+SHARD_X0 = SHARD_X0.astype(np.float32)
+SHARD_CONFIG = [("eps", "learned_range", True, 4)]
+shard_fn = lambda x, k: _bounds(x, k, jnp.float32, SHARD_CONFIG)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def float32_run():
+  return jax.device_get(jax.jit(shard_fn)(SHARD_X0, SHARD_KEYS))
 
 
 def test_calc_bpd_float32_path():
-  x0, keys = data(seed=1)
-  out = compiled("eps", "learned_range", False, 4, "float32")(x0.astype(np.float32), keys)
-  assert out["total_bpd"].dtype == jnp.float32
+  out = float32_run()
+  assert out["total_bpd"].dtype == np.float32
   with jax.enable_x64(True):
-    expected = reference_bound(x0, keys, "eps", "learned_range", False, jnp.float32)
+    expected = reference_bound(SHARD_X0, SHARD_KEYS, "eps", "learned_range", True,
+                               jnp.float32)
   # Bits/dim are sums of O(1) terms per dim: float32 leaves a few u of absolute error.
   for key, value in expected.items():
     np.testing.assert_allclose(out[key], value, rtol=1e-5, atol=64 * ref.U32, err_msg=key)
 
 
 def test_calc_bpd_sharded_and_vmapped_match_unsharded():
-  x0, keys = data(batch=16, seed=2)
-  x0 = x0.astype(np.float32)
-  f = compiled("eps", "fixedlarge", True, 2, "float32")
-  single = jax.device_get(f(x0, keys))
+  """vmap over 2 groups of 8 examples, each group spread over 8 devices, gives the
+  unsharded numbers: an example's result depends on its own key only."""
+  single = float32_run()
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   assert mesh.size == 8
-  sharding = NamedSharding(mesh, P("batch"))
-  sharded = f(jax.device_put(x0, sharding), jax.device_put(keys, sharding))
-  assert sharded["total_bpd"].sharding.is_equivalent_to(sharding, 1)
+  sharding = NamedSharding(mesh, P(None, "batch"))
+  put = lambda a: jax.device_put(a.reshape((2, 8) + a.shape[1:]), sharding)
+  out = jax.jit(jax.vmap(shard_fn))(put(SHARD_X0), put(SHARD_KEYS))
+  assert out["total_bpd"].sharding.is_equivalent_to(sharding, 2)
   for key, value in single.items():
-    np.testing.assert_allclose(sharded[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
-  s = schedules.make_schedule(schedules.get_beta_schedule(*BETA))
-  vmapped = jax.jit(jax.vmap(lambda x, k: bound.calc_bpd(
-      jnp_model("fixedlarge"), s, x, k, model_mean_type="eps", model_var_type="fixedlarge",
-      clip_denoised=True, t_chunk=2)))(x0.reshape(2, 8, 4, 4, 3), keys.reshape(2, 8))
-  # Each example depends on its own key only: two vmapped halves give the same numbers.
-  for key, value in single.items():
-    np.testing.assert_allclose(vmapped[key].reshape(value.shape), value, rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(out[key]).reshape(value.shape), value, rtol=1e-6,
                                atol=1e-7, err_msg=key)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
 import ddpm_reference as ref
@@ -220,17 +221,40 @@ def test_hybrid_stops_the_mean_gradient_of_the_bound():
                                  loss_type=loss_type, hybrid_lambda=lam)
     return jnp.mean(out[key])
 
-  params = (jnp.float32(0.9), jnp.float32(0.4))
-  g_hybrid = jax.grad(total)(params, "hybrid")
-  g_mse = jax.grad(total)(params, "kl", "mse")
-  g_kl = jax.grad(total)(params, "kl")
+  @jax.jit
+  def gradients(params):
+    return (jax.grad(total)(params, "hybrid"), jax.grad(total)(params, "kl", "mse"),
+            jax.grad(total)(params, "kl"), jax.grad(total)(params, "rescaled_mse"),
+            jax.grad(lambda p: total(p, "hybrid", lam=1e-3))(params))
+
+  g_hybrid, g_mse, g_kl, g_rescaled, g_hybrid3 = gradients(
+      (jnp.float32(0.9), jnp.float32(0.4)))
   np.testing.assert_allclose(g_hybrid[0], g_mse[0], rtol=1e-6)  # Mean: L_simple only.
   np.testing.assert_allclose(g_hybrid[1], 0.002 * T * g_kl[1], rtol=1e-5)  # Variance: L_vlb.
   assert abs(g_kl[0]) > 1e-3  # ... although the bound does depend on the mean.
   # rescaled_mse is the hybrid objective with lambda = 1e-3.
-  g_rescaled = jax.grad(total)(params, "rescaled_mse")
-  g_hybrid3 = jax.grad(lambda p: total(p, "hybrid", lam=1e-3))(params)
   np.testing.assert_allclose(g_rescaled, g_hybrid3, rtol=1e-6)
+
+
+def test_training_losses_under_jit_vmap_and_8_device_sharding():
+  x0, t, eps = loss_data(6, batch=16)
+  x0, eps = x0.astype(np.float32), eps.astype(np.float32)
+  s = sched(jnp.float32)
+
+  def f(x, tt, e):
+    return losses.training_losses(jnp_model((1.0, 1.0), "learned"), s, x, tt, e,
+                                  model_mean_type="v", model_var_type="learned",
+                                  loss_type="hybrid")
+
+  plain = jax.device_get(jax.jit(f)(x0, t, eps))
+  # vmap over 2 groups of 8 examples, each group spread over 8 devices.
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  sharding = NamedSharding(mesh, P(None, "batch"))
+  put = lambda a: jax.device_put(a.reshape((2, 8) + a.shape[1:]), sharding)
+  out = jax.jit(jax.vmap(f))(put(x0), put(t), put(eps))
+  for key, value in plain.items():
+    assert out[key].sharding.is_equivalent_to(sharding, 2), key
+    np.testing.assert_allclose(np.asarray(out[key]).reshape(16), value, rtol=1e-6, err_msg=key)
 
 
 def test_loss_config_errors():

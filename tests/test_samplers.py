@@ -68,136 +68,144 @@ def sched(dtype):
 
 
 KEYS = jax.random.split(jax.random.key(42), B)
+ANCESTRAL = [("eps", "fixedlarge", True), ("x_start", "fixedsmall", False),
+             ("v", "learned_range", True), ("mean", "learned", False)]
+DDIM = [("eps", "fixedlarge", True, 0.0, [0, 4, 9, 17, 29]),
+        ("v", "learned_range", False, 0.5, [2, 3, 11, 20, 27]),
+        ("mean", "fixedsmall", True, 1.0, list(range(0, T, 3)))]
+EVERY, T_SPLIT, NUM_COMPLETIONS, T_INTERP = 7, 12, 3, 17
+LAMBDAS = np.array([0.0, 0.25, 1.0])
+X_A, X_B = np.random.default_rng(0).uniform(-1, 1, (2, B) + SHAPE)
 
 
-@pytest.mark.parametrize("mean_type,var_type,clip", [
-    ("eps", "fixedlarge", True), ("x_start", "fixedsmall", False),
-    ("v", "learned_range", True), ("mean", "learned", False)])
-def test_ancestral_matches_reference_float64(mean_type, var_type, clip):
+@functools.lru_cache(maxsize=None)
+def float64_runs():
+  """Every sampler configuration under test, in one compiled float64 program."""
+
+  def run(keys, x_a, x_b):
+    s = sched(jnp.float64)
+    out = {}
+    for i, (mean_type, var_type, clip) in enumerate(ANCESTRAL):
+      out[f"ancestral{i}"] = samplers.ancestral_sample(
+          jnp_model(var_type), s, keys, SHAPE, model_mean_type=mean_type,
+          model_var_type=var_type, clip_denoised=clip)
+    for i, (mean_type, var_type, clip, eta, seq) in enumerate(DDIM):
+      out[f"ddim{i}"] = samplers.ddim_sample(
+          jnp_model(var_type), s, keys, SHAPE, timesteps=seq, eta=eta,
+          model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip)
+    out["progressive"] = samplers.progressive_sample(jnp_model("fixedlarge"), s, keys, SHAPE,
+                                                     every=EVERY)
+    out["completions"] = samplers.sample_completions(
+        jnp_model("fixedsmall"), s, keys, SHAPE, t_split=T_SPLIT,
+        num_completions=NUM_COMPLETIONS, model_var_type="fixedsmall")
+    out["interpolate"] = samplers.interpolate(jnp_model("fixedlarge"), s, x_a, x_b, keys,
+                                              t=T_INTERP, lambdas=LAMBDAS)
+    return out
+
   with jax.enable_x64(True):
-    z = noises(KEYS)
-    kw = dict(model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip)
-    out = jax.jit(lambda k: samplers.ancestral_sample(
-        jnp_model(var_type), sched(jnp.float64), k, SHAPE, **kw))(KEYS)
-    assert out.dtype == jnp.float64 and out.shape == (B,) + SHAPE
-    expected = ref.ancestral(coefs(), np_model(var_type), z[T], z, mean_type, var_type, clip)
-    assert rel_err(out, expected) <= 1e-10
+    return jax.device_get(jax.jit(run)(KEYS, X_A, X_B)), noises(KEYS)
 
 
-def test_ancestral_float32_path():
-  out = jax.jit(lambda k: samplers.ancestral_sample(
-      jnp_model("fixedlarge"), sched(jnp.float32), k, SHAPE, clip_denoised=False))(KEYS)
-  assert out.dtype == jnp.float32
+@pytest.mark.parametrize("i", range(len(ANCESTRAL)))
+def test_ancestral_matches_reference_float64(i):
+  mean_type, var_type, clip = ANCESTRAL[i]
+  runs, z = float64_runs()
+  out = runs[f"ancestral{i}"]
+  assert out.dtype == np.float64 and out.shape == (B,) + SHAPE
+  expected = ref.ancestral(coefs(), np_model(var_type), z[T], z, mean_type, var_type, clip)
+  assert rel_err(out, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("i", range(len(DDIM)))
+def test_ddim_matches_reference_float64(i):
+  mean_type, var_type, clip, eta, seq = DDIM[i]
+  runs, z = float64_runs()
+  out = runs[f"ddim{i}"]
+  assert out.dtype == np.float64
+  expected = ref.ddim(coefs(), np_model(var_type), z[T], z, seq, eta, mean_type, var_type,
+                      clip)
+  assert rel_err(out, expected) <= 1e-10
+
+
+def test_progressive_records_predictions():
+  runs, z = float64_runs()
+  out = runs["progressive"]
+  final, records = ref.ancestral(coefs(), np_model("fixedlarge"), z[T], z, "eps",
+                                 "fixedlarge", True, record_every=EVERY)
+  assert list(out["timesteps"]) == [r[0] for r in records] == [28, 21, 14, 7, 0]
+  assert out["pred_xstart"].shape == (B, 5) + SHAPE
+  assert rel_err(out["sample"], final) <= 1e-10
+  for i, (_, x0, xt) in enumerate(records):
+    assert rel_err(out["pred_xstart"][:, i], x0) <= 1e-10
+    assert rel_err(out["x_t"][:, i], xt) <= 1e-10
+  # The last prediction of x0 is the sample itself (no noise at t = 0).
+  assert rel_err(out["pred_xstart"][:, -1], out["sample"]) <= 1e-10
+
+
+def test_completions_share_the_latent():
+  runs, z = float64_runs()
+  out = runs["completions"]
+  assert out["samples"].shape == (B, NUM_COMPLETIONS) + SHAPE
+  c, model = coefs(), np_model("fixedsmall")
+  shared = ref.ancestral(c, model, z[T], z, "eps", "fixedsmall", True, t_start=T - 1,
+                         t_end=T_SPLIT + 1)
+  assert rel_err(out["x_t"], shared) <= 1e-10
+  base = fold(KEYS, T + 1)
   with jax.enable_x64(True):
-    z = noises(KEYS, jnp.float32)
-  expected = ref.ancestral(coefs(), np_model("fixedlarge"), z[T], z, "eps", "fixedlarge",
-                           False)
-  # Each step rounds at a few u of the O(1) state; the chain does not amplify it.
-  np.testing.assert_allclose(out, expected, rtol=0, atol=T * 16 * ref.U32)
+    for j in range(NUM_COMPLETIONS):
+      zj = noises(fold(base, j))
+      expected = ref.ancestral(c, model, shared, zj, "eps", "fixedsmall", True,
+                               t_start=T_SPLIT)
+      assert rel_err(out["samples"][:, j], expected) <= 1e-10
+  spread = np.std(out["samples"], axis=1).mean()
+  assert spread > 1e-3  # The completions differ from each other.
 
 
-@pytest.mark.parametrize("mean_type,var_type,clip,eta,seq", [
-    ("eps", "fixedlarge", True, 0.0, [0, 4, 9, 17, 29]),
-    ("v", "learned_range", False, 0.5, [2, 3, 11, 20, 27]),
-    ("mean", "fixedsmall", True, 1.0, list(range(0, T, 3)))])
-def test_ddim_matches_reference_float64(mean_type, var_type, clip, eta, seq):
+def test_interpolation_through_shared_noise():
+  runs, z = float64_runs()
+  out = runs["interpolate"]
+  assert out["samples"].shape == (B, 3) + SHAPE
+  c = coefs()
+  tb = np.full(B, T_INTERP)
   with jax.enable_x64(True):
-    z = noises(KEYS)
-    out = jax.jit(lambda k: samplers.ddim_sample(
-        jnp_model(var_type), sched(jnp.float64), k, SHAPE, timesteps=seq, eta=eta,
-        model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip))(KEYS)
-    assert out.dtype == jnp.float64
-    expected = ref.ddim(coefs(), np_model(var_type), z[T], z, seq, eta, mean_type, var_type,
-                        clip)
-    assert rel_err(out, expected) <= 1e-10
+    enc = fold(KEYS, T + 2)
+    noise_a, noise_b = (np.asarray(noise_at(enc, i, SHAPE, jnp.float64)) for i in (0, 1))
+  xt_a, xt_b = ref.q_sample(c, X_A, tb, noise_a), ref.q_sample(c, X_B, tb, noise_b)
+  assert rel_err(out["x_t_a"], xt_a) <= 1e-10 and rel_err(out["x_t_b"], xt_b) <= 1e-10
+  for i, lam in enumerate(LAMBDAS):
+    expected = ref.ancestral(c, np_model("fixedlarge"), (1 - lam) * xt_a + lam * xt_b, z,
+                             "eps", "fixedlarge", True, t_start=T_INTERP)
+    assert rel_err(out["samples"][:, i], expected) <= 1e-10
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])
 def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall(dtype, tol):
-  """The same noise (fold_in(keys[b], t)) makes the two samplers agree up to rounding."""
+  """The same noise (fold_in(keys[b], t)) makes the two samplers agree up to rounding
+  (in float32: 1000 steps of rounding, a few u each)."""
   keys = KEYS[:4]
   kw = dict(model_mean_type="eps", model_var_type="fixedsmall", clip_denoised=True)
   with jax.enable_x64(dtype == jnp.float64):
     s1000 = schedules.make_schedule(schedules.get_beta_schedule("linear", 1000), dtype)
 
-    def both(k):
-      return (samplers.ddim_sample(jnp_model("fixedsmall"), s1000, k, SHAPE, eta=1.0, **kw),
-              samplers.ancestral_sample(jnp_model("fixedsmall"), s1000, k, SHAPE, **kw))
+    def run(k):
+      model = jnp_model("fixedsmall")
+      return (samplers.ddim_sample(model, s1000, k, SHAPE, eta=1.0, **kw),
+              samplers.ancestral_sample(model, s1000, k, SHAPE, **kw),
+              samplers.ddim_sample(model, s1000, k, SHAPE, eta=0.0, **kw))
 
-    ddim, ancestral = jax.jit(both)(keys)
+    ddim, ancestral, ddim0 = jax.jit(run)(keys)
     assert ddim.dtype == dtype
     assert rel_err(ddim, ancestral) <= tol
-    # ... and neither is deterministic: eta = 0 gives something else.
-    ddim0 = jax.jit(lambda k: samplers.ddim_sample(
-        jnp_model("fixedsmall"), s1000, k, SHAPE, eta=0.0, **kw))(keys)
-    assert rel_err(ddim0, ancestral) > 1e-2
+    assert rel_err(ddim0, ancestral) > 1e-2  # eta = 0 is another sampler.
 
 
-def test_progressive_records_predictions():
-  with jax.enable_x64(True):
-    z = noises(KEYS)
-    every = 7
-    out = jax.jit(lambda k: samplers.progressive_sample(
-        jnp_model("fixedlarge"), sched(jnp.float64), k, SHAPE, every=every))(KEYS)
-    final, records = ref.ancestral(coefs(), np_model("fixedlarge"), z[T], z, "eps",
-                                   "fixedlarge", True, record_every=every)
-    assert list(out["timesteps"]) == [r[0] for r in records] == [28, 21, 14, 7, 0]
-    assert out["pred_xstart"].shape == (B, 5) + SHAPE
-    assert rel_err(out["sample"], final) <= 1e-10
-    for i, (_, x0, xt) in enumerate(records):
-      assert rel_err(out["pred_xstart"][:, i], x0) <= 1e-10
-      assert rel_err(out["x_t"][:, i], xt) <= 1e-10
-    # The last prediction of x0 is the sample itself (no noise at t = 0).
-    assert rel_err(out["pred_xstart"][:, -1], out["sample"]) <= 1e-10
+SHARD_KEYS = jax.random.split(jax.random.key(7), 16)
+SHARD_XA, SHARD_XB = np.random.default_rng(1).uniform(-1, 1, (2, 16) + SHAPE).astype(
+    np.float32)
 
 
-def test_completions_share_the_latent():
-  t_split = 12
-  m = 3
-  with jax.enable_x64(True):
-    z = noises(KEYS)
-    out = jax.jit(lambda k: samplers.sample_completions(
-        jnp_model("fixedsmall"), sched(jnp.float64), k, SHAPE, t_split=t_split,
-        num_completions=m, model_var_type="fixedsmall"))(KEYS)
-    assert out["samples"].shape == (B, m) + SHAPE
-    c, model = coefs(), np_model("fixedsmall")
-    shared = ref.ancestral(c, model, z[T], z, "eps", "fixedsmall", True, t_start=T - 1,
-                           t_end=t_split + 1)
-    assert rel_err(out["x_t"], shared) <= 1e-10
-    base = fold(KEYS, T + 1)
-    for j in range(m):
-      zj = noises(fold(base, j))
-      expected = ref.ancestral(c, model, shared, zj, "eps", "fixedsmall", True,
-                               t_start=t_split)
-      assert rel_err(out["samples"][:, j], expected) <= 1e-10
-    spread = np.std(np.asarray(out["samples"]), axis=1).mean()
-    assert spread > 1e-3  # The completions differ from each other.
-
-
-def test_interpolation_through_shared_noise():
-  t = 17
-  lambdas = np.array([0.0, 0.25, 1.0])
-  rng = np.random.default_rng(0)
-  x_a, x_b = rng.uniform(-1, 1, (2, B) + SHAPE)
-  with jax.enable_x64(True):
-    z = noises(KEYS)
-    out = jax.jit(lambda a, b, k: samplers.interpolate(
-        jnp_model("fixedlarge"), sched(jnp.float64), a, b, k, t=t, lambdas=lambdas))(
-            x_a, x_b, KEYS)
-    assert out["samples"].shape == (B, 3) + SHAPE
-    c = coefs()
-    enc = fold(KEYS, T + 2)
-    tb = np.full(B, t)
-    xt_a = ref.q_sample(c, x_a, tb, np.asarray(noise_at(enc, 0, SHAPE, jnp.float64)))
-    xt_b = ref.q_sample(c, x_b, tb, np.asarray(noise_at(enc, 1, SHAPE, jnp.float64)))
-    assert rel_err(out["x_t_a"], xt_a) <= 1e-10 and rel_err(out["x_t_b"], xt_b) <= 1e-10
-    for i, lam in enumerate(lambdas):
-      expected = ref.ancestral(c, np_model("fixedlarge"), (1 - lam) * xt_a + lam * xt_b, z,
-                               "eps", "fixedlarge", True, t_start=t)
-      assert rel_err(out["samples"][:, i], expected) <= 1e-10
-
-
-def _all_samplers(s, keys, x_a, x_b):
+def _all_samplers(keys, x_a, x_b):
+  s = sched(jnp.float32)
   model = jnp_model("learned_range")
   kw = dict(model_mean_type="v", model_var_type="learned_range")
   return {
@@ -213,20 +221,31 @@ def _all_samplers(s, keys, x_a, x_b):
   }
 
 
+@functools.lru_cache(maxsize=None)
+def float32_runs():
+  return jax.device_get(jax.jit(_all_samplers)(SHARD_KEYS, SHARD_XA, SHARD_XB))
+
+
+def test_float32_path():
+  out = float32_runs()
+  assert all(value.dtype == np.float32 for value in out.values())
+  with jax.enable_x64(True):
+    z = noises(SHARD_KEYS, jnp.float32)
+  expected = ref.ancestral(coefs(), np_model("learned_range"), z[T], z, "v", "learned_range",
+                           True)
+  # Each step rounds at a few u of the O(1) state; the chain does not amplify it.
+  np.testing.assert_allclose(out["ancestral"], expected, rtol=0, atol=T * 16 * ref.U32)
+
+
 def test_samplers_under_jit_vmap_and_8_device_sharding():
   """Per-example keys: a sample does not depend on its batch or on the sharding."""
-  s = sched(jnp.float32)
-  keys = jax.random.split(jax.random.key(7), 16)
-  rng = np.random.default_rng(1)
-  x_a, x_b = rng.uniform(-1, 1, (2, 16) + SHAPE).astype(np.float32)
-  plain = jax.device_get(jax.jit(lambda k, a, b: _all_samplers(s, k, a, b))(keys, x_a, x_b))
+  plain = float32_runs()
   # vmap over 2 groups of 8, with the 8 examples of each group spread over 8 devices.
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   assert mesh.size == 8
   sharding = NamedSharding(mesh, P(None, "batch"))
   put = lambda a: jax.device_put(a.reshape((2, 8) + a.shape[1:]), sharding)
-  vmapped = jax.jit(jax.vmap(lambda k, a, b: _all_samplers(s, k, a, b)))(
-      put(keys), put(x_a), put(x_b))
+  vmapped = jax.jit(jax.vmap(_all_samplers))(put(SHARD_KEYS), put(SHARD_XA), put(SHARD_XB))
   for name, value in plain.items():
     assert vmapped[name].sharding.is_equivalent_to(sharding, vmapped[name].ndim), name
     np.testing.assert_allclose(np.asarray(vmapped[name]).reshape(value.shape), value,
