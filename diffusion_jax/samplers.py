@@ -41,6 +41,9 @@ def _check_timestep(name: str, t, num_timesteps: int) -> int:
 
 
 def _initial_noise(schedule: Schedule, keys: jax.Array, shape: Sequence[int]) -> jax.Array:
+  if (not isinstance(shape, (tuple, list)) or
+      not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape)):
+    raise ValueError(f"shape must be the per-sample shape, e.g. (H, W, C), got {shape!r}.")
   shape = tuple(int(s) for s in shape)
   return randomness.per_example_normal(keys, schedule.num_timesteps, shape, schedule.dtype)
 
@@ -90,11 +93,12 @@ def denoise_from(model_fn: ModelFn, schedule: Schedule, x_t: jax.Array, t_start:
     model_mean_type, model_var_type, clip_denoised: see `p_sample`.
 
   Returns:
-    [B, H, W, C] samples of x_0 in the dtype of x_t.
+    [B, H, W, C] samples of x_0 in the schedule's dtype.
   """
   _check_types(model_mean_type, model_var_type)
   t_start = _check_timestep("t_start", t_start, schedule.num_timesteps)
   keys = randomness.as_key_array(keys, x_t.shape[0])
+  x_t = jnp.asarray(x_t).astype(schedule.dtype)  # The schedule's dtype is the compute dtype.
 
   def body(i, x):
     x, _ = p_sample(model_fn, schedule, x, t_start - i, keys,

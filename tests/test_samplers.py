@@ -268,6 +268,10 @@ def test_sampler_errors():
                          KEYS[:4], t=3, lambdas=[0.5])
   with pytest.raises(ValueError, match="Unknown model_var_type"):
     samplers.ancestral_sample(model, s, KEYS, SHAPE, model_var_type="large")
+  with pytest.raises(ValueError, match=r"per-sample shape, e.g. \(H, W, C\), got 8"):
+    samplers.progressive_sample(model, s, KEYS, 8)
+  with pytest.raises(ValueError, match="every must be a positive integer"):
+    samplers.progressive_sample(model, s, KEYS, SHAPE, every=0)
 
 
 def test_ddim_timesteps():
