@@ -19,6 +19,7 @@ from unet_fixtures import DDPM_CIFAR10_32
 from unet_fixtures import DDPM_CIFAR10_32_RESAVED
 from unet_fixtures import load_config
 from unet_fixtures import official_variables
+from unet_fixtures import random_params
 from unet_fixtures import SMALL
 from unet_fixtures import SMALL_DIFFUSERS
 from unet_fixtures import torch_unet
@@ -216,9 +217,7 @@ def test_other_diffusers_networks_are_rejected_naming_the_keys():
 
 
 def test_export_then_import_is_the_identity(tmp_path):
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(
-      lambda s: rng.standard_normal(s.shape).astype(np.float32), models.param_shapes(SMALL))
+  params = random_params(SMALL, seed=0)
   out = str(tmp_path / "export")
   diffusers_weights.export_diffusers(params, SMALL, out)
   assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]

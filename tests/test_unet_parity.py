@@ -8,30 +8,24 @@ average pooling) and `Upsample2D(use_conv=False)` (nearest x2) layers.
 """
 
 import dataclasses
-import functools
 
-import jax
 import numpy as np
 import pytest
+from unet_fixtures import apply_eval
 from unet_fixtures import DDPM_CIFAR10_32
 from unet_fixtures import load_config
+from unet_fixtures import random_params
 from unet_fixtures import SMALL
 from unet_fixtures import SMALL_DIFFUSERS
 from unet_fixtures import torch_unet
 
 from diffusion_jax import models
 from diffusion_jax.convert import diffusers_weights
-from diffusion_jax.models import UNet
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.downsampling import Downsample2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers.models.upsampling import Upsample2D  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def apply(unet_config, params, x, t):
-  return UNet(unet_config).apply({"params": params}, x, t, train=False)
 
 
 def compare(model, unet_config, batch, seed):
@@ -45,7 +39,7 @@ def compare(model, unet_config, batch, seed):
   with torch.no_grad():
     want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                  torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(apply(unet_config, params, x, t))
+  got = np.asarray(apply_eval(unet_config, params, x, t))
   assert got.shape == want.shape
   assert np.linalg.norm(want) > 0.1 * np.sqrt(want.size)  # A non-trivial output.
   return np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -77,12 +71,8 @@ def test_small_model_with_pooling_resampling_matches_diffusers_layers():
 
 
 def test_exported_model_loads_in_diffusers_and_computes_the_same(tmp_path):
-  params = models.init_params(SMALL, jax.random.key(3))
-  # Official init leaves conv2/proj_out/conv_out near zero: randomize them for the test.
+  params = random_params(SMALL, seed=3)
   rng = np.random.default_rng(3)
-  params = jax.tree_util.tree_map(
-      lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
-      params)
   diffusers_weights.export_diffusers(params, SMALL, str(tmp_path))
   model = diffusers.UNet2DModel.from_pretrained(str(tmp_path)).eval()
   x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
@@ -90,5 +80,5 @@ def test_exported_model_loads_in_diffusers_and_computes_the_same(tmp_path):
   with torch.no_grad():
     want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                  torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(apply(SMALL, params, x, t))
+  got = np.asarray(apply_eval(SMALL, params, x, t))
   assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5

@@ -1,11 +1,16 @@
 """Shared test material for the U-Net tests: configs, published diffusers configs, and the
 official TF variable list written out independently from the official code's structure."""
 
+import functools
 import importlib.util
 import os
 
+import flax.traverse_util
+import jax
 import numpy as np
 
+from diffusion_jax import models
+from diffusion_jax.models import UNet
 from diffusion_jax.models import UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +62,29 @@ DDPM_256 = {
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D",
                        "UpBlock2D"],
 }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply_eval(unet_config, params, x, t):
+  """The U-Net in eval mode, compiled once per config and shapes for the whole session."""
+  return UNet(unet_config).apply({"params": params}, x, t, train=False)
+
+
+def random_params(unet_config, seed):
+  """Random float32 parameters (no near-zero layers), so every path shapes the output."""
+  shapes = flax.traverse_util.flatten_dict(models.param_shapes(unet_config))
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in shapes.items():
+    shape = shape.shape
+    if path[-1] == "kernel":
+      value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    elif path[-1] == "scale":
+      value = 1.0 + 0.2 * rng.standard_normal(shape)
+    else:
+      value = 0.2 * rng.standard_normal(shape)
+    flat[path] = value.astype(np.float32)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def load_config(name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -95,6 +96,16 @@ def _init_fn(unet_config: UNetConfig):
 
 def param_shapes(unet_config: UNetConfig) -> Params:
   """The parameter tree as `jax.ShapeDtypeStruct` leaves, via `jax.eval_shape` (no compile)."""
+  return jax.tree_util.tree_map(lambda s: s, _param_shapes(_weights_only(unet_config)))
+
+
+def _weights_only(unet_config: UNetConfig) -> UNetConfig:
+  """The config with the fields that do not change the parameters set to defaults."""
+  return dataclasses.replace(unet_config, dropout=0.0, dtype="float32")
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(unet_config: UNetConfig) -> Params:
   model = UNet(unet_config)
   x, t = _dummy_inputs(unet_config)
   return jax.eval_shape(
@@ -129,8 +140,13 @@ def _forward_order(path: tuple[str, ...], num_levels: int) -> tuple:
 
 def param_paths(unet_config: UNetConfig) -> list[tuple[str, ...]]:
   """The parameter paths, e.g. ('down_0', 'block_0', 'conv1', 'kernel'), in forward order."""
-  paths = flax.traverse_util.flatten_dict(param_shapes(unet_config)).keys()
-  return sorted(paths, key=lambda p: _forward_order(p, unet_config.num_resolutions))
+  return list(_param_paths(_weights_only(unet_config)))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_paths(unet_config: UNetConfig) -> tuple[tuple[str, ...], ...]:
+  paths = flax.traverse_util.flatten_dict(_param_shapes(unet_config)).keys()
+  return tuple(sorted(paths, key=lambda p: _forward_order(p, unet_config.num_resolutions)))
 
 
 def count_params(unet_config_or_params: UNetConfig | Params) -> int:
