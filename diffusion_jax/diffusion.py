@@ -41,12 +41,14 @@ LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 
 def check_mean_type(model_mean_type: str) -> None:
+  """Raises ValueError naming the choices if `model_mean_type` is not in MEAN_TYPES."""
   if model_mean_type not in MEAN_TYPES:
     raise ValueError(f"Unknown model_mean_type {model_mean_type!r}; choose one of "
                      f"{MEAN_TYPES}.")
 
 
 def check_var_type(model_var_type: str) -> None:
+  """Raises ValueError naming the choices if `model_var_type` is not in VAR_TYPES."""
   if model_var_type not in VAR_TYPES:
     raise ValueError(f"Unknown model_var_type {model_var_type!r}; choose one of "
                      f"{VAR_TYPES}.")
@@ -115,6 +117,8 @@ def q_posterior_mean_variance(schedule: Schedule, x_start: jax.Array, x_t: jax.A
 
 
 # --- Parameterization conversions ----------------------------------------------------
+# Each takes the schedule, x_t [B, ...], t [B] and one prediction [B, ...], and returns
+# another prediction [B, ...]; all are exact inverses of each other given x_t.
 
 
 def predict_xstart_from_eps(schedule: Schedule, x_t, t, eps):

@@ -229,6 +229,7 @@ def test_hybrid_stops_the_mean_gradient_of_the_bound():
 
   g_hybrid, g_mse, g_kl, g_rescaled, g_hybrid3 = gradients(
       (jnp.float32(0.9), jnp.float32(0.4)))
+  assert np.all(np.isfinite(jax.tree.leaves((g_hybrid, g_mse, g_kl, g_rescaled, g_hybrid3))))
   np.testing.assert_allclose(g_hybrid[0], g_mse[0], rtol=1e-6)  # Mean: L_simple only.
   np.testing.assert_allclose(g_hybrid[1], 0.002 * T * g_kl[1], rtol=1e-5)  # Variance: L_vlb.
   assert abs(g_kl[0]) > 1e-3  # ... although the bound does depend on the mean.
