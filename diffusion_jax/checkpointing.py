@@ -164,11 +164,15 @@ class Checkpointer:
 
     Args:
       step: the state's step.
-      state: the train state (replicated global arrays).
+      state: the train state (replicated global arrays, or host arrays).
       snapshot: also keep it in snapshots/.
       preemption: save it in checkpoints/.
     """
     subs = ([CHECKPOINT_DIR] if preemption else []) + ([SNAPSHOT_DIR] if snapshot else [])
+    # The state is replicated: every process holds all of it. Writing a host copy skips
+    # orbax's per-replica device slicing (which compiles per array shape) and lets the
+    # next (donating) train step reuse the device buffers at once.
+    state = jax.device_get(state)
     for sub in subs:
       mngr = self._managers[sub]
       if step in mngr.all_steps():

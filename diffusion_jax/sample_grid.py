@@ -61,3 +61,46 @@ def save_png(path: str, grid: np.ndarray) -> str:
   mode_input = grid[..., 0] if grid.shape[-1] == 1 else grid
   Image.fromarray(mode_input).save(path, format="PNG")
   return path
+
+
+def make_grid_sampler(model, schedule, config, mesh, num_images: int):
+  """Returns `sample(params) -> [N, H, W, C]` float images in [-1, 1], replicated.
+
+  Uses `config.sampling` (ancestral, or DDIM with `num_steps` and `eta`) and fixed
+  per-image keys (`run_setup.SAMPLE_STREAM` folded with the image index), so grids from
+  different steps of a run show the same noise. The images are split over the devices when
+  their number divides the device count, otherwise computed on every device.
+
+  Args:
+    model: the U-Net module.
+    schedule: the diffusion's coefficients.
+    config: the experiment config (`sampling`, `diffusion`, `data`, `seed`).
+    mesh: the data-parallel mesh.
+    num_images: N.
+  """
+  # Imported here so that the PNG helpers above need no JAX/Flax model code.
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import run_setup  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  s, d = config.sampling, config.diffusion
+  shape = (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+  kwargs = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
+                clip_denoised=bool(s.clip_denoised))
+  base = run_setup.stream_key(config, run_setup.SAMPLE_STREAM)
+  split = num_images % mesh.devices.size == 0
+  key_sharding = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
+
+  def sample(params):
+    indices = jax.lax.with_sharding_constraint(np.arange(num_images), key_sharding)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)  # [N]
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+    if s.sampler == "ddim":
+      timesteps = samplers.ddim_timesteps(int(d.num_timesteps), int(s.num_steps))
+      return samplers.ddim_sample(model_fn, schedule, keys, shape, timesteps=timesteps,
+                                  eta=float(s.eta), **kwargs)
+    return samplers.ancestral_sample(model_fn, schedule, keys, shape, **kwargs)
+
+  return jax.jit(sample, in_shardings=(sharding.replicated(mesh),),
+                 out_shardings=sharding.replicated(mesh))
