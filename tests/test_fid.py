@@ -56,19 +56,23 @@ def test_fid_diagonal_gaussians_closed_form():
   assert got == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
 @pytest.mark.parametrize("rank", [None, 30])  # full rank, and singular (rank 30 < d = 64)
-def test_fid_general_gaussians_match_eigendecomposition(rank):
+def test_fid_general_gaussians_match_eigendecomposition(rank, method):
   rng = np.random.default_rng(3)
   d = 64
-  s1, s2 = _random_spd(rng, d, rank), _random_spd(rng, d)
+  s1, s2 = _random_spd(rng, d, rank), _random_spd(rng, d, rank)
   mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-  got = fid.frechet_distance(mu1, s1, mu2, s2)
-  assert got == pytest.approx(_closed_form_fid(mu1, s1, mu2, s2), rel=1e-7, abs=1e-7)
+  got = fid.frechet_distance(mu1, s1, mu2, s2, method=method)
+  # The closed form is written with the roles of S1 and S2 swapped (same value).
+  assert got == pytest.approx(_closed_form_fid(mu2, s2, mu1, s1), rel=1e-7, abs=1e-7)
 
 
 def test_fid_rejects_mismatched_or_invalid_statistics():
   with pytest.raises(ValueError, match="shapes"):
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+  with pytest.raises(ValueError, match="method"):
+    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
   with pytest.raises(ValueError, match="non-finite"):
     fid.frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
 

@@ -4,13 +4,16 @@ A source is named by a string:
   * `path.npz` or `path.npz:key`: a uint8 array [N, H, W], [N, H, W, C] (C = 1 or 3) or
     [N, C, H, W] (channel-first is transposed); without a key, `x_train`, `x`, `images` or
     the only array in the file;
-  * a directory: its image files (png, jpg, jpeg, bmp, webp; searched recursively, sorted
+  * a sample set written by the sampling job (a directory of `shard_*.npz`), in index
+    order;
+  * any other directory: its image files (png, jpg, jpeg, bmp, webp; searched recursively, sorted
     by path), read with Pillow; all must have one size; grey files stay one channel.
 Images are yielded in [0, 255] as uint8 batches (see `features.InceptionFeatures`).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Iterator, Optional, Tuple
 
@@ -111,6 +114,10 @@ def iterate_folder_images(directory: str, num: int = -1,
 def iterate_images(spec: str, num: int = -1, batch_size: int = 256) -> Iterator[np.ndarray]:
   """Yields uint8/float batches [b, H, W, C] in [0, 255] of the source named by `spec`."""
   path, _ = _split_spec(spec)
+  if os.path.isdir(path) and glob.glob(os.path.join(path, "shard_*.npz")):
+    from diffusion_jax.evaluation import sample_job  # pylint: disable=g-import-not-at-top
+    yield from sample_job.iterate_samples(path, num)
+    return
   if os.path.isdir(path):
     yield from iterate_folder_images(path, num, batch_size)
     return
