@@ -17,6 +17,7 @@ the step.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -164,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       num_timesteps=int(config.diffusion.num_timesteps),
       ema_decay=float(config.optim.ema_decay),
       base_key=run_setup.stream_key(config, run_setup.TRAIN_STREAM), mesh=mesh,
-      learning_rate_fn=optimizer.learning_rate_schedule(config.optim))
+      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim))
   sampler = sample_grid.make_grid_sampler(model, schedule, config, mesh,
                                           int(t_cfg.num_sample_images))
   num_steps = int(t_cfg.num_train_steps)

@@ -85,7 +85,7 @@ def sample_t_and_noise(keys: jax.Array, num_timesteps: int,
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     num_timesteps: int, ema_decay: float, base_key: jax.Array,
-                    mesh: Mesh, learning_rate_fn: optax.Schedule | None = None,
+                    mesh: Mesh, learning_rate_fn: Callable[[PyTree], jax.Array] | None = None,
                     donate: bool = True) -> Callable:
   """Returns `train_step(state, images) -> (new_state, metrics)`, compiled over `mesh`.
 
@@ -96,7 +96,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     ema_decay: EMA decay per step.
     base_key: typed PRNG key of the run (`jax.random.key(seed)`).
     mesh: the data-parallel mesh (`sharding.make_mesh`).
-    learning_rate_fn: reported as `learning_rate` in the metrics when given.
+    learning_rate_fn: maps the optimizer state to the learning rate of its next update
+      (`functools.partial(optimizer.current_learning_rate, config.optim)`); reported as
+      `learning_rate` in the metrics when given.
     donate: donate the input state's buffers (the caller must not reuse it).
 
   Returns:
@@ -128,7 +130,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     metrics = dict(means)
     metrics.update(grad_norm=grad_norm, finite=finite)
     if learning_rate_fn is not None:
-      metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+      metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.opt_state), jnp.float32)
     return new_state, metrics
 
   return jax.jit(

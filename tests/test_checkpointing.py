@@ -10,8 +10,11 @@ import pytest
 from diffusion_jax import checkpointing
 from diffusion_jax import config_base
 from diffusion_jax import optimizer
+from diffusion_jax import run_setup
 from diffusion_jax import sharding
+from diffusion_jax import train
 from diffusion_jax import train_state as ts
+import training_testlib
 
 
 def _config():
@@ -138,3 +141,52 @@ def test_architecture_mismatch_is_refused_without_touching_workdir(tmp_path):
       checkpointing.check_architecture(str(tmp_path), bad)
     assert field in str(err.value)
   assert _tree_listing(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def _cache(tmp_path_factory):
+  training_testlib.enable_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache")
+  yield
+  training_testlib.disable_compilation_cache()
+
+
+def test_params_checkpoint_for_import_and_evaluation(tmp_path, _cache):
+  config = training_testlib.digits_smoke("--config.training.num_train_steps=125")
+  mesh = sharding.make_mesh()
+  params = jax.device_get(run_setup.init_train_state(config, mesh).params)
+  ema = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.25, params)
+  workdir = tmp_path / "imported"
+  # Parameters of another architecture are refused before anything is written.
+  with pytest.raises(ValueError, match="architecture"):
+    checkpointing.write_params_checkpoint(
+        str(workdir), training_testlib.digits_smoke("--config.model.ch=16"), params)
+  assert not workdir.exists()
+  path = checkpointing.write_params_checkpoint(str(workdir), config, params,
+                                               ema_params=ema, step=123)
+  assert path == str(workdir / "snapshots" / "123") and os.path.isdir(path)
+  assert (workdir / "config.json").exists()
+  before = _tree_listing(workdir)
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    checkpointing.write_params_checkpoint(str(workdir), config, params)
+  assert _tree_listing(workdir) == before
+
+  got_ema, step = checkpointing.load_eval_params(str(workdir), config)
+  got_raw, _ = checkpointing.load_eval_params(str(workdir), config, use_ema=False, step=123)
+  assert step == 123
+  _assert_equal_trees(got_ema, ema)
+  _assert_equal_trees(got_raw, params)
+  with pytest.raises(ValueError, match="different architecture"):
+    checkpointing.load_eval_params(str(workdir), training_testlib.digits_smoke(
+        "--config.model.ch=16"))
+  with pytest.raises(FileNotFoundError):
+    checkpointing.load_eval_params(str(tmp_path / "empty"), config)
+
+  # Training resumes from the imported state: 2 steps from 123, EMA from the given one.
+  state = jax.device_get(train.train_and_evaluate(config, str(workdir)))
+  assert int(state.step) == 125
+  assert int(state.opt_state[1].count) == 2  # Fresh Adam state: 2 updates so far.
+  decay = config.optim.ema_decay
+  leaf = lambda t: jax.tree_util.tree_leaves(t)[0]
+  # After two updates the EMA is decay^2 * ema + (mixture of the new params).
+  assert abs(float(np.mean(leaf(state.ema_params) - decay ** 2 * leaf(ema)))) < 0.05
+  assert (workdir / "checkpoints" / "125").exists()

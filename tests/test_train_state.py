@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from diffusion_jax import optimizer
@@ -60,6 +61,17 @@ def test_learning_rate_schedule_is_linear_warmup_then_constant():
   sched = optimizer.learning_rate_schedule(_optim_config(learning_rate=2e-4, warmup_steps=5000))
   for step in (0, 1, 2500, 4999, 5000, 5001, 800_000):
     np.testing.assert_allclose(float(sched(step)), 2e-4 * min(step / 5000, 1.0), rtol=1e-6)
+  # The rate of the next update follows the optimizer state's own update count.
+  config = _optim_config(learning_rate=2e-4, warmup_steps=10)
+  tx = optimizer.make_optimizer(config)
+  state = ts.create_train_state({"w": jnp.ones(3)}, tx, step=500)
+  assert float(optimizer.current_learning_rate(config, state.opt_state)) == 0.0
+  for _ in range(3):
+    state = ts.apply_gradients(state, {"w": jnp.ones(3)}, tx, 0.9)
+  np.testing.assert_allclose(float(optimizer.current_learning_rate(config, state.opt_state)),
+                             2e-4 * 3 / 10, rtol=1e-6)
+  with pytest.raises(ValueError, match="make_optimizer"):
+    optimizer.current_learning_rate(config, (optax.EmptyState(),))
   const = optimizer.learning_rate_schedule(_optim_config(warmup_steps=0))
   assert float(const(0)) == pytest.approx(2e-4)
   with pytest.raises(ValueError, match="warmup_steps"):

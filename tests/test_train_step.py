@@ -1,10 +1,13 @@
 """The compiled data-parallel update: sharding invariance, loss wiring, NaN guard."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import optimizer
 from diffusion_jax import run_setup
 from diffusion_jax import sharding
 from diffusion_jax import train_step as train_step_lib
@@ -41,7 +44,7 @@ def _build(config, mesh, donate=True):
       train_step_lib.make_loss_fn(model, schedule, config.diffusion), tx,
       num_timesteps=config.diffusion.num_timesteps, ema_decay=config.optim.ema_decay,
       base_key=run_setup.stream_key(config, run_setup.TRAIN_STREAM), mesh=mesh,
-      learning_rate_fn=run_setup.optimizer.learning_rate_schedule(config.optim),
+      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
       donate=donate)
   return model, schedule, step
 
