@@ -338,3 +338,61 @@ def test_import_tool_checks_everything_before_writing(small_weights, tmp_path):
   from_hf, _ = import_checkpoint.load_released_weights(hf_dir, config)
   assert step == 0  # No global_step in this file.
   assert_trees_equal(from_tf, from_hf)
+
+
+SMALL_CONFIG_FILE = '''
+from diffusion_jax import config_base
+
+
+def get_config():
+  config = config_base.shrink(config_base.get_base_config())
+  config.data.image_size, config.data.channels = 16, 3
+  config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1, 2, 2), 2
+  config.model.attn_resolutions, config.model.num_groups = (8, 4), 8
+  config.model.dropout = 0.0
+  config.diffusion.model_var_type = "learned_range"
+  return config
+'''
+
+
+def test_import_and_export_commands_round_trip(small_weights, tmp_path):
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.tools import export_diffusers  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.tools import import_checkpoint  # pylint: disable=g-import-not-at-top
+  state_dict, official = small_weights
+  tensors = dict(official)
+  tensors.update({name + EMA: value + 1.0 for name, value in official.items()})
+  tensors["global_step"] = np.array(77, np.int64)
+  prefix = write_tf_checkpoint(str(tmp_path / "model.ckpt-77"), tensors)
+  config = small_experiment_config()
+  workdir = str(tmp_path / "imported")
+  import_checkpoint.import_checkpoint(prefix, workdir, config, use_ema=True)
+  ema, _ = tf_checkpoint.load_tf_checkpoint(prefix, SMALL, use_ema=True)
+  # The imported weights are both the parameters and the EMA parameters.
+  params, step = checkpointing.load_eval_params(workdir, config, use_ema=False)
+  assert step == 77
+  assert_trees_equal(jax.device_get(params), ema)
+  # A workdir that holds checkpoints is never overwritten.
+  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    import_checkpoint.import_checkpoint(prefix, workdir, config)
+
+  out = str(tmp_path / "exported")
+  export_diffusers.export_workdir(workdir, out)  # EMA parameters, the saved config.
+  assert_trees_equal(diffusers_weights.load_diffusers(out, SMALL)[0], ema)
+
+  # The command line, on the diffusers weights just exported.
+  config_file = tmp_path / "small_config.py"
+  config_file.write_text(SMALL_CONFIG_FILE)
+  second = str(tmp_path / "from_diffusers")
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.tools.import_checkpoint", f"--src={out}",
+       f"--workdir={second}", f"--config={config_file}"],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  params, step = checkpointing.load_eval_params(second, config)
+  assert step == 0
+  assert_trees_equal(jax.device_get(params), ema)

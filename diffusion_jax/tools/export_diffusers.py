@@ -59,22 +59,26 @@ def export_workdir(workdir: str, out_dir: str,
   return out_dir
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (default: the workdir's config.json).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_RAW = flags.DEFINE_bool("raw", False, "Export the raw parameters instead of the EMA ones.")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+def define_flags() -> None:
+  """Defines the command's flags (only when run as a command: other tools define theirs)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (default: the workdir's config.json).")
+  flags.DEFINE_string("workdir", None, "The run's directory.")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_bool("raw", False, "Export the raw parameters instead of the EMA ones.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest).")
+  flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  print(export_workdir(_WORKDIR.value, _OUT.value, _CONFIG.value, use_ema=not _RAW.value,
-                       step=_STEP.value, overwrite=_OVERWRITE.value))
+  f = flags.FLAGS
+  print(export_workdir(f.workdir, f.out, f.config, use_ema=not f.raw, step=f.step,
+                       overwrite=f.overwrite))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
+  define_flags()
   app.run(main)

@@ -96,27 +96,30 @@ def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict,
                                                step=step)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_SRC = flags.DEFINE_string("src", None, "TF checkpoint (prefix or directory) or diffusers "
-                           "model (directory or weights file).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint to.")
-_FORMAT = flags.DEFINE_enum("format", "auto", FORMATS, "Source format.")
-_EMA = flags.DEFINE_bool("ema", False, "TF: import the EMA weights (the default).")
-_RAW = flags.DEFINE_bool("raw", False, "TF: import the raw (non-EMA) weights.")
+def define_flags() -> None:
+  """Defines the command's flags (only when run as a command: other tools define theirs)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("src", None, "TF checkpoint (prefix or directory) or diffusers model "
+                      "(directory or weights file).")
+  flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint to.")
+  flags.DEFINE_enum("format", "auto", FORMATS, "Source format.")
+  flags.DEFINE_bool("ema", False, "TF: import the EMA weights (the default).")
+  flags.DEFINE_bool("raw", False, "TF: import the raw (non-EMA) weights.")
+  flags.mark_flags_as_required(["config", "src", "workdir"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _EMA.value and _RAW.value:
+  f = flags.FLAGS
+  if f.ema and f.raw:
     raise app.UsageError("Pass at most one of --ema and --raw.")
-  path = import_checkpoint(_SRC.value, _WORKDIR.value, _CONFIG.value,
-                           use_ema=not _RAW.value, fmt=_FORMAT.value)
+  path = import_checkpoint(f.src, f.workdir, f.config, use_ema=not f.raw, fmt=f.format)
   logging.info("Wrote %s", path)
   print(path)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "src", "workdir"])
+  define_flags()
   app.run(main)
