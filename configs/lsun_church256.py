@@ -12,4 +12,9 @@ def get_config(variant: str = ""):
   config.model.dropout = 0.0
   config.training.batch_size = 64
   config.optim.learning_rate = 2e-5
+  config.training.num_train_steps = 1_200_000  # The paper's 1.2M steps (Appendix B).
+  config.training.snapshot_every_steps = 100_000
+  config.training.sample_every_steps = 20_000
+  config.training.num_sample_images = 16
+  config.sampling.batch_size = 64
   return config_base.finalize(config, variant)
