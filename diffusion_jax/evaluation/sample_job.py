@@ -129,8 +129,14 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("sample_shards_written")
-  return {"checkpoint_step": eval_model.step, "params": eval_model.params_kind,
-          "num_samples": num, "directory": directory, **sampler_settings(config)}
+  summary = {"checkpoint_step": eval_model.step, "params": eval_model.params_kind,
+             "num_samples": num, "directory": directory, **sampler_settings(config)}
+  if made:
+    summary["samples_per_second"] = made / max(time.time() - start, 1e-9)
+  summary["summary_json"] = results.write_summary(
+      workdir, f"samples_{sample_tag(config, eval_model.step).split('_', 1)[1]}",
+      eval_model.step, summary)
+  return summary
 
 
 def shard_path(directory: str, k: int) -> str:
