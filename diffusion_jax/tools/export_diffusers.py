@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -79,6 +80,15 @@ def main(argv: list[str]) -> None:
                        overwrite=f.overwrite))
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Command entry: bad input ends with its message (no traceback) and exit status 1."""
   define_flags()
-  app.run(main)
+  try:
+    app.run(main)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  run()

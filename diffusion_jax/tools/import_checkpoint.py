@@ -16,6 +16,7 @@ The imported weights become both the parameters and the EMA parameters of the ch
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from absl import app
@@ -120,6 +121,15 @@ def main(argv: list[str]) -> None:
   print(path)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Command entry: bad input ends with its message (no traceback) and exit status 1."""
   define_flags()
-  app.run(main)
+  try:
+    app.run(main)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  run()
