@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -67,6 +67,12 @@ def architecture_of(config: ml_collections.ConfigDict | dict) -> dict:
   return arch
 
 
+def resolve_workdir(workdir: str) -> str:
+  """Returns an absolute local path, or a remote path (gs://...) unchanged."""
+  workdir = os.fspath(workdir)
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 def list_steps(workdir: str) -> list[tuple[int, str]]:
   """Returns the committed checkpoints as (step, directory name), newest first.
 
@@ -75,23 +81,22 @@ def list_steps(workdir: str) -> list[tuple[int, str]]:
   """
   found = []
   for rank, sub in enumerate((CHECKPOINT_DIR, SNAPSHOT_DIR)):
-    path = os.path.join(workdir, sub)
-    if not os.path.isdir(path):
+    path = epath.Path(workdir) / sub
+    if not path.is_dir():
       continue
-    for name in os.listdir(path):
-      if name.isdigit() and os.path.isdir(os.path.join(path, name)):
-        found.append((int(name), rank, sub))
+    for child in path.iterdir():
+      if child.name.isdigit() and child.is_dir():
+        found.append((int(child.name), rank, sub))
   found.sort(key=lambda item: (-item[0], item[1]))
   return [(step, sub) for step, _, sub in found]
 
 
 def read_checkpoint_config(workdir: str, step: int, sub: str) -> dict | None:
   """Returns the config saved in one checkpoint, or None where it cannot be read."""
-  path = os.path.join(workdir, sub, str(step), "config", "metadata")
+  path = epath.Path(workdir) / sub / str(step) / "config" / "metadata"
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json.loads(path.read_text())
+  except Exception:  # pylint: disable=broad-except  (missing or unreadable)
     return None
 
 
@@ -125,11 +130,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json under the workdir (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / (CONFIG_FILE + ".tmp")
+  tmp.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+  tmp.replace(root / CONFIG_FILE)
 
 
 class Checkpointer:
@@ -144,15 +149,19 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
                max_to_keep: int = 2, async_save: bool = True):
-    self.workdir = workdir
+    self.workdir = resolve_workdir(workdir)
     self._config = config_to_dict(config)
 
     def manager(sub, keep):
       return ocp.CheckpointManager(
-          os.path.join(os.path.abspath(workdir), sub),
+          epath.Path(self.workdir) / sub,
           options=ocp.CheckpointManagerOptions(
               max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-              cleanup_tmp_directories=True),
+              cleanup_tmp_directories=True,
+              # Both managers may save the same step at once: their cross-process
+              # barriers (named after the step) need distinct names.
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix=sub)),
           item_names=("state", "config"))
 
     self._managers = {CHECKPOINT_DIR: manager(CHECKPOINT_DIR, max(1, int(max_to_keep))),
@@ -239,12 +248,12 @@ class Checkpointer:
   def _move_aside(self, failures) -> None:
     """Moves unreadable step directories to unreadable_checkpoints/ and reloads."""
     if jax.process_index() == 0:
-      dest_root = os.path.join(self.workdir, UNREADABLE_DIR)
-      os.makedirs(dest_root, exist_ok=True)
+      dest_root = epath.Path(self.workdir) / UNREADABLE_DIR
+      dest_root.mkdir(parents=True, exist_ok=True)
       for step, sub, _ in failures:
-        src = os.path.join(self.workdir, sub, str(step))
-        dest = os.path.join(dest_root, f"{sub}_{step}_{int(time.time())}")
-        shutil.move(src, dest)
+        src = epath.Path(self.workdir) / sub / str(step)
+        dest = dest_root / f"{sub}_{step}_{int(time.time())}"
+        src.rename(dest)
         logging.warning("Moved unreadable checkpoint %s to %s.", src, dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("checkpointing_move_aside")
@@ -284,7 +293,7 @@ def write_params_checkpoint(workdir: str, config: ml_collections.ConfigDict, par
     FileExistsError: the workdir already holds a checkpoint (nothing is overwritten).
     ValueError: the parameters do not have the config's architecture.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = resolve_workdir(workdir)
   existing = list_steps(workdir)
   if existing:
     raise FileExistsError(
@@ -311,7 +320,7 @@ def write_params_checkpoint(workdir: str, config: ml_collections.ConfigDict, par
   finally:
     checkpointer.close()
   write_config(workdir, config)
-  return os.path.join(workdir, SNAPSHOT_DIR, str(int(step)))
+  return os.fspath(epath.Path(workdir) / SNAPSHOT_DIR / str(int(step)))
 
 
 def load_eval_params(workdir: str, config: ml_collections.ConfigDict, *,
@@ -330,7 +339,7 @@ def load_eval_params(workdir: str, config: ml_collections.ConfigDict, *,
     FileNotFoundError: no checkpoint (or none at `step`).
     ValueError: the checkpoint has another architecture.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = resolve_workdir(workdir)
   if not list_steps(workdir):
     raise FileNotFoundError(f"No checkpoint in {workdir} ({CHECKPOINT_DIR}/ or "
                             f"{SNAPSHOT_DIR}/).")

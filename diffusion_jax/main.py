@@ -6,14 +6,14 @@ be shrunk for a smoke run (`--config configs/cifar10.py:smoke`). `--mode` picks 
 mapping `MODES` of the module `diffusion_jax.evaluation.modes` (name -> function of
 (config, workdir)), which this file picks up when that module exists.
 
-Multi-host: on Cloud TPU `jax.distributed.initialize()` finds its peers by itself; on GPU
-clusters pass `--coordinator_address host:port --num_processes N --process_id i`.
+Multi-host: `--distributed` calls `jax.distributed.initialize()`, which finds its peers by
+itself on Cloud TPU pod slices (and under SLURM); elsewhere pass
+`--coordinator_address host:port --num_processes N --process_id i`. See launch/.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Callable
 
 from absl import app
@@ -32,9 +32,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs outside Cloud TPU.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with coordinator).")
-flags.DEFINE_bool("distributed", None,
-                  "Call jax.distributed.initialize() without arguments (Cloud TPU pods, "
-                  "SLURM). Default: when TPU_WORKER_HOSTNAMES lists several hosts.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() without arguments, which finds the "
+                  "other processes itself (Cloud TPU pod slices, SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,10 +60,7 @@ def _initialize_distributed() -> None:
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
     return
-  auto = FLAGS.distributed
-  if auto is None:
-    auto = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-  if auto:
+  if FLAGS.distributed:
     jax.distributed.initialize()
 
 

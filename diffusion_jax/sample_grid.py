@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -55,12 +57,17 @@ def make_grid(images: np.ndarray, *, num_cols: int | None = None, padding: int =
 
 
 def save_png(path: str, grid: np.ndarray) -> str:
-  """Writes a uint8 [H, W, 1 or 3] image as PNG (creating the directory) and returns path."""
+  """Writes a uint8 [H, W, 1 or 3] image as PNG (creating the directory) and returns path.
+
+  `path` may be local or remote (gs://...).
+  """
   grid = to_uint8(grid)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  mode_input = grid[..., 0] if grid.shape[-1] == 1 else grid
-  Image.fromarray(mode_input).save(path, format="PNG")
-  return path
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+  target.write_bytes(buffer.getvalue())
+  return os.fspath(path)
 
 
 def make_grid_sampler(model, schedule, config, mesh, num_images: int):

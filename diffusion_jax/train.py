@@ -126,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     FloatingPointError: a non-finite loss or gradient norm (the last good checkpoint is
       kept).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = checkpointing.resolve_workdir(workdir)
   t_cfg = config.training
   mesh = sharding.make_mesh()
   run_setup.validate_config(config, mesh)
