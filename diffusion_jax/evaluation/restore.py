@@ -67,21 +67,9 @@ def load_eval_model(config: ml_collections.ConfigDict, workdir: str,
     ValueError: the checkpoint's architecture differs from `config`.
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
-  if not checkpointing.list_steps(workdir):
-    raise FileNotFoundError(
-        f"No checkpoint in {workdir} (looked in {checkpointing.CHECKPOINT_DIR}/ and "
-        f"{checkpointing.SNAPSHOT_DIR}/). Train with --mode=train or import official "
-        "weights into this workdir first.")
-  checkpointing.check_architecture(workdir, config)
-  requested = int(config.eval.checkpoint_step)
-  checkpointer = checkpointing.Checkpointer(workdir, config, async_save=False)
-  try:
-    state, step = checkpointer.restore(run_setup.abstract_train_state(config, mesh),
-                                       None if requested < 0 else requested)
-  finally:
-    checkpointer.close()
   use_ema = bool(config.eval.use_ema)
+  params, step = checkpointing.load_eval_params(
+      workdir, config, use_ema=use_ema, step=int(config.eval.checkpoint_step), mesh=mesh)
   _, model = run_setup.build_model(config)
-  return EvalModel(params=state.ema_params if use_ema else state.params, step=int(step),
-                   params_kind="ema" if use_ema else "params", model=model,
-                   schedule=run_setup.build_schedule(config), mesh=mesh)
+  return EvalModel(params=params, step=step, params_kind="ema" if use_ema else "params",
+                   model=model, schedule=run_setup.build_schedule(config), mesh=mesh)
