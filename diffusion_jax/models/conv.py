@@ -1,0 +1,180 @@
+"""The U-Net's 3x3 convolution (TF "SAME" padding) with a kernel gradient fast on CPU.
+
+XLA:CPU differentiates a convolution with respect to its kernel as another convolution
+whose window is the whole feature map; on a 32x32 map with 128 channels that runs at a few
+GFLOP/s, and it dominated the train step (benchmarks/RESULTS.md). The kernel gradient of
+a 3x3 convolution is nine matrix products instead:
+
+  dW[i, j] = sum_{b, h, w} x_pad[b, s h + i, s w + j, :]^T  g[b, h, w, :]    # [Cin, Cout]
+
+which run at matmul speed. `conv3x3` is the plain `lax.conv_general_dilated` forward with a
+`jax.custom_vjp` whose input gradient is XLA's own (the transposed convolution) and whose
+kernel gradient is chosen per platform when the program is lowered: the nine products on
+CPU, XLA's convolution elsewhere (GPU and TPU compile it well). Forward values and both
+gradients equal those of `lax.conv_general_dilated` up to the order of the sums.
+
+Being a custom VJP, `conv3x3` supports reverse-mode differentiation (grad, vjp, also
+nested and under vmap) but not forward-mode (jvp, jacfwd).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Iterator, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+KernelGradient = Literal["auto", "matmul", "xla"]
+_MODES = ("auto", "matmul", "xla")
+_DEFAULT_MODE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "conv3x3_kernel_gradient", default="auto")
+
+
+@contextlib.contextmanager
+def kernel_gradient(mode: KernelGradient) -> Iterator[None]:
+  """Within the context, `conv3x3` calls without `kernel_grad` trace with `mode`.
+
+  Meant for measurements (e.g. the train step with XLA's kernel gradient on CPU); it acts
+  when a function is traced, so use it around the first call of a jitted function.
+
+  Args:
+    mode: "auto", "matmul" or "xla" (see `conv3x3`).
+  """
+  _check_mode(mode)
+  token = _DEFAULT_MODE.set(mode)
+  try:
+    yield
+  finally:
+    _DEFAULT_MODE.reset(token)
+
+
+def _check_mode(mode) -> None:
+  if mode not in _MODES:
+    raise ValueError(f"kernel_grad={mode!r}; use one of {_MODES}.")
+
+
+def same_padding(size: int, stride: int, window: int = 3) -> tuple[int, int]:
+  """TF "SAME" padding (low, high) of one spatial axis; the extra pixel goes high."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + window - size, 0)
+  return total // 2, total - total // 2
+
+
+def _padding(x_shape, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  return same_padding(x_shape[1], stride), same_padding(x_shape[2], stride)
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+  """float32 for bfloat16/float16/float32 inputs, float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=padding,
+      dimension_numbers=_DIMENSION_NUMBERS,
+      preferred_element_type=_accumulation_dtype(x.dtype))
+
+
+def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
+  """The kernel gradient of `conv3x3` as nine shifted matrix products.
+
+  Args:
+    x: [B, H, W, Cin] the convolution's input.
+    g: [B, H', W', Cout] the cotangent of its output.
+    stride: 1 or 2 (any positive stride).
+
+  Returns:
+    [3, 3, Cin, Cout] in float32 (float64 for float64 inputs).
+  """
+  batch, _, _, cin = x.shape
+  _, out_h, out_w, cout = g.shape
+  (top, bottom), (left, right) = _padding(x.shape, stride)
+  x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
+  g = g.astype(x.dtype)
+  rows = []
+  for i in range(3):
+    for j in range(3):
+      window = lax.slice(
+          x_pad, (0, i, j, 0),
+          (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, cin),
+          (1, stride, stride, 1))  # [B, H', W', Cin]
+      rows.append(lax.dot_general(
+          window, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
+          preferred_element_type=_accumulation_dtype(x.dtype)))  # [Cin, Cout]
+  return jnp.stack(rows).reshape(3, 3, cin, cout)
+
+
+def kernel_grad_xla(x: jax.Array, g: jax.Array, stride: int,
+                    kernel_shape: tuple[int, ...]) -> jax.Array:
+  """The kernel gradient as XLA derives it (the transpose of the convolution in W)."""
+  padding = _padding(x.shape, stride)
+  kernel = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
+  transpose = jax.linear_transpose(lambda w: _conv(x, w, stride, padding), kernel)
+  return transpose(g)[0].astype(_accumulation_dtype(x.dtype))
+
+
+def _input_grad(kernel: jax.Array, g: jax.Array, stride: int, x_aval) -> jax.Array:
+  padding = _padding(x_aval.shape, stride)
+  transpose = jax.linear_transpose(lambda x: _conv(x, kernel, stride, padding), x_aval)
+  return transpose(g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv3x3(x: jax.Array, kernel: jax.Array, stride: int,
+             kernel_grad: KernelGradient) -> jax.Array:
+  return _conv(x, kernel, stride, _padding(x.shape, stride))
+
+
+def _conv3x3_fwd(x, kernel, stride, kernel_grad):
+  return _conv3x3(x, kernel, stride, kernel_grad), (x, kernel)
+
+
+def _conv3x3_bwd(stride, kernel_grad, residuals, g):
+  x, kernel = residuals
+  g = g.astype(_accumulation_dtype(x.dtype))  # [B, H', W', Cout]
+  x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  dx = _input_grad(kernel, g, stride, x_aval).astype(x.dtype)
+  matmul = lambda x, g: kernel_grad_matmul(x, g, stride)
+  xla = lambda x, g: kernel_grad_xla(x, g, stride, kernel.shape)
+  if kernel_grad == "matmul":
+    dw = matmul(x, g)
+  elif kernel_grad == "xla":
+    dw = xla(x, g)
+  else:  # "auto": decided when lowering, for the platform the program runs on.
+    dw = lax.platform_dependent(x, g, cpu=matmul, default=xla)
+  return dx, dw.astype(kernel.dtype)
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
+            kernel_grad: KernelGradient | None = None) -> jax.Array:
+  """3x3 convolution, TF "SAME" padding (for stride 2 on even sizes: right/bottom only).
+
+  Args:
+    x: [B, H, W, Cin] input (float32 or bfloat16).
+    kernel: [3, 3, Cin, Cout] kernel (HWIO), in the dtype of `x`.
+    stride: 1 or 2 (the same along H and W).
+    kernel_grad: how the kernel gradient is computed: "auto" (nine matrix products on
+      CPU, XLA's convolution on other platforms), "matmul" or "xla" everywhere; None
+      takes the mode of the enclosing `kernel_gradient` context ("auto" outside).
+
+  Returns:
+    [B, ceil(H / stride), ceil(W / stride), Cout] float32 (products accumulate in float32;
+    float64 inputs give float64).
+  """
+  if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+    raise ValueError(f"conv3x3 expects x [B, H, W, Cin] and kernel [3, 3, Cin, Cout]; got "
+                     f"{tuple(x.shape)} and {tuple(kernel.shape)}.")
+  kernel_grad = _DEFAULT_MODE.get() if kernel_grad is None else kernel_grad
+  _check_mode(kernel_grad)
+  if not isinstance(stride, int) or stride < 1:
+    raise ValueError(f"stride must be a positive int, got {stride!r}.")
+  return _conv3x3(x, kernel, stride, kernel_grad)

@@ -1,0 +1,133 @@
+"""The U-Net's 3x3 convolution with its custom gradient vs autodiff of lax's convolution.
+
+The reference is `jax.vjp` of `lax.conv_general_dilated(padding="SAME")` (TF "SAME"
+padding, XLA's own derivatives); `conv3x3` must give the same output, input gradient and
+kernel gradient for every kernel-gradient mode, stride and parity of the image size.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from diffusion_jax.models import conv
+
+MODES = ("auto", "matmul", "xla")
+# (stride, height, width): even and odd sizes, square and not (TF SAME pads high first).
+GEOMETRIES = ((1, 8, 8), (1, 5, 7), (2, 8, 8), (2, 7, 6))
+
+
+def _reference(x, kernel, stride):
+  return lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  preferred_element_type=jnp.promote_types(x.dtype,
+                                                                           jnp.float32))
+
+
+def _inputs(dtype, stride, height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((2, height, width, 4))  # [B, H, W, Cin]
+  kernel = rng.standard_normal((3, 3, 4, 6))  # HWIO
+  out_shape = (2, -(-height // stride), -(-width // stride), 6)
+  cotangent = rng.standard_normal(out_shape)
+  return (jnp.asarray(x, dtype), jnp.asarray(kernel, dtype), jnp.asarray(cotangent, dtype))
+
+
+def _both(x, kernel, g, stride, mode):
+  want, ref_vjp = jax.vjp(lambda a, b: _reference(a, b, stride), x, kernel)
+  got, our_vjp = jax.vjp(lambda a, b: conv.conv3x3(a, b, stride, kernel_grad=mode),
+                         x, kernel)
+  return (want,) + ref_vjp(g), (got,) + jax.jit(our_vjp)(g)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stride,height,width", GEOMETRIES)
+def test_float32_output_and_gradients_match_lax(mode, stride, height, width):
+  x, kernel, g = _inputs(jnp.float32, stride, height, width)
+  (want_y, want_dx, want_dw), (y, dx, dw) = _both(x, kernel, g, stride, mode)
+  assert y.shape == want_y.shape and dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_array_equal(y, want_y)  # The forward is lax's own convolution.
+  assert _rel(dx, want_dx) < 1e-6
+  assert _rel(dw, want_dw) < 1e-6
+  assert np.abs(np.asarray(dw)).max() > 1.0  # Non-trivial gradients.
+
+
+@pytest.mark.parametrize("stride,height,width", GEOMETRIES)
+def test_float64_gradients_are_exact(stride, height, width):
+  with jax.enable_x64(True):
+    x, kernel, g = _inputs(jnp.float64, stride, height, width, seed=1)
+    (_, want_dx, want_dw), (_, dx, dw) = _both(x, kernel, g, stride, "matmul")
+    assert dx.dtype == dw.dtype == jnp.float64
+    assert _rel(dx, want_dx) < 1e-14
+    assert _rel(dw, want_dw) < 1e-14
+    # Independent of XLA: dW[i, j] = sum over positions of x_pad[s h + i, s w + j] g[h, w].
+    xn, gn = np.asarray(x), np.asarray(g)
+    (top, bottom), (left, right) = (conv.same_padding(height, stride),
+                                    conv.same_padding(width, stride))
+    xp = np.pad(xn, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    ho, wo = gn.shape[1:3]
+    direct = np.stack([
+        np.einsum("bhwc,bhwo->co",
+                  xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride],
+                  gn) for i in range(3) for j in range(3)]).reshape(3, 3, 4, 6)
+    assert _rel(dw, direct) < 1e-14
+
+
+def test_tf_same_padding_puts_the_extra_pixel_low_only_when_odd():
+  assert conv.same_padding(8, 1) == (1, 1)
+  assert conv.same_padding(8, 2) == (0, 1)  # The official downsampling: right/bottom.
+  assert conv.same_padding(7, 2) == (1, 1)
+  assert conv.same_padding(1, 2) == (1, 1)
+
+
+def test_bfloat16_gradients_keep_dtypes_and_are_close_to_float32():
+  x, kernel, g = _inputs(jnp.float32, 1, 8, 8, seed=2)
+  _, (_, dx32, dw32) = _both(x, kernel, g, 1, "matmul")
+  xb, kb, gb = (a.astype(jnp.bfloat16) for a in (x, kernel, g))
+  _, (y, dx, dw) = _both(xb, kb, gb.astype(jnp.float32), 1, "matmul")
+  assert y.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
+  assert _rel(dx, dx32) < 2e-2 and _rel(dw, dw32) < 2e-2
+
+
+def _optimized_kernel_grad_hlo(mode):
+  x, kernel, g = _inputs(jnp.float32, 1, 16, 16)
+  loss = lambda w, x, g: jnp.vdot(conv.conv3x3(x, w, kernel_grad=mode), g)
+  return jax.jit(jax.grad(loss)).lower(kernel, x, g).compile().as_text()
+
+
+def test_auto_mode_computes_the_kernel_gradient_without_convolution_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert "convolution(" in _optimized_kernel_grad_hlo("xla")
+  assert "convolution(" not in _optimized_kernel_grad_hlo("auto")
+
+
+def test_context_sets_the_default_mode_and_bad_input_is_rejected():
+  x, kernel, _ = _inputs(jnp.float32, 1, 4, 4)
+  with conv.kernel_gradient("xla"):
+    with pytest.raises(ValueError, match="kernel_grad"):
+      conv.conv3x3(x, kernel, kernel_grad="fast")
+  with pytest.raises(ValueError, match="kernel_grad"):
+    with conv.kernel_gradient("fast"):
+      pass
+  with pytest.raises(ValueError, match=r"\[3, 3, Cin, Cout\]"):
+    conv.conv3x3(x, kernel[:, :, :2])
+  with pytest.raises(ValueError, match="stride"):
+    conv.conv3x3(x, kernel, 0)
+
+
+def test_second_order_reverse_mode_matches_lax():
+  x, kernel, g = _inputs(jnp.float32, 2, 8, 8, seed=3)
+
+  def grad_norm(conv_fn, w):
+    dx = jax.grad(lambda a: jnp.vdot(conv_fn(a, w), g))(x)
+    return jnp.sum(dx**2)
+
+  want = jax.grad(lambda w: grad_norm(lambda a, b: _reference(a, b, 2), w))(kernel)
+  got = jax.grad(lambda w: grad_norm(lambda a, b: conv.conv3x3(a, b, 2), w))(kernel)
+  assert _rel(got, want) < 1e-5
