@@ -2,10 +2,11 @@
 
   python -m diffusion_jax.main --config configs/digits.py --workdir workdirs/digits
 
-Trains a small U-Net at the digits' native 8x8 resolution in a few minutes on a 2-core CPU
-and writes a sample grid (workdir/samples/), TensorBoard logs and a checkpoint. The
-diffusion is the paper's (linear betas 1e-4..0.02, eps-prediction, L_simple, ancestral
-sampling) with fewer steps (T = 200) and a faster optimizer schedule for the short run.
+Trains a small U-Net (0.7M parameters) at the digits' native 8x8 resolution for 1200 steps
+at batch 64: about 3.5 minutes on a 2-core CPU including compilation. Writes a sample grid
+(workdir/samples/), TensorBoard logs and checkpoints. The diffusion is the paper's
+(linear betas 1e-4..0.02, eps-prediction, L_simple, ancestral sampling) with fewer steps
+(T = 100), and a faster optimizer schedule (lr 1e-3, EMA 0.995) for the short run.
 `benchmarks/digits_quality.py` scores the samples with a classifier of real digits.
 """
 
@@ -26,18 +27,18 @@ def get_config(variant: str = ""):
   config.model.attn_resolutions = (4,)
   config.model.num_groups = 8
   config.model.dropout = 0.0
-  config.diffusion.num_timesteps = 200
+  config.diffusion.num_timesteps = 100
   config.training.batch_size = 64
-  config.training.num_train_steps = 1_500
+  config.training.num_train_steps = 1_200
   config.training.log_every_steps = 50
-  config.training.checkpoint_every_steps = 500
-  config.training.snapshot_every_steps = 1_500
-  config.training.sample_every_steps = 1_500
+  config.training.checkpoint_every_steps = 400
+  config.training.snapshot_every_steps = 1_200
+  config.training.sample_every_steps = 1_200
   config.training.num_sample_images = 64
   config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 100
+  config.optim.warmup_steps = 50
   config.optim.ema_decay = 0.995
-  config.sampling.num_steps = 200
+  config.sampling.num_steps = 100
   config.sampling.batch_size = 64
   config.eval.bpd_split = "train"
   config = config_base.finalize(config, variant)

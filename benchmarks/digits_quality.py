@@ -1,0 +1,111 @@
+r"""How recognizable are the quickstart's samples? A classifier of real digits scores them.
+
+  python -m diffusion_jax.main --config configs/digits.py --workdir workdirs/digits
+  python benchmarks/digits_quality.py --workdir workdirs/digits
+
+A logistic-regression classifier is trained on 60% of scikit-learn's real 8x8 digits
+(stratified, seed 0). It then scores (a) the other 40% of the real digits and (b) samples
+of the run's EMA parameters drawn with the run's sampler settings, with two figures:
+  * confidence: the mean top-class probability max_y p(y|x);
+  * IS-like diversity: exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction over the set
+    (the Inception Score with this classifier; 10 is the maximum for 10 balanced classes).
+Samples are quantized exactly as real digits are stored by the input pipeline (uint8,
+then back to the 0..16 scale) before scoring. The target of the quickstart is that the
+samples reach at least 80% of the held-out real digits' value on both figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from diffusion_jax import checkpointing
+from diffusion_jax import run_setup
+from diffusion_jax import sample_grid
+from diffusion_jax import sharding
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "workdirs/digits", "A workdir trained with configs/digits.py.")
+flags.DEFINE_integer("num_samples", 1000, "Samples to score.")
+flags.DEFINE_float("target", 0.8, "Required fraction of the real digits' figures.")
+
+
+def digit_features(images_uint8: np.ndarray) -> np.ndarray:
+  """[N, 8, 8, 1] uint8 images -> [N, 64] features in [0, 1] (sklearn's 0..16 scale / 16)."""
+  values = images_uint8.astype(np.float64) * 16.0 / 255.0
+  return values.reshape(len(values), -1) / 16.0
+
+
+def scores(probs: np.ndarray) -> dict[str, float]:
+  """Confidence and IS-like diversity of class probabilities [N, 10]."""
+  probs = np.clip(probs, 1e-12, 1.0)
+  marginal = probs.mean(axis=0)
+  kl = np.sum(probs * (np.log(probs) - np.log(marginal)), axis=1)
+  return {"confidence": float(probs.max(axis=1).mean()), "is_like": float(np.exp(kl.mean())),
+          "classes_present": int(len(np.unique(probs.argmax(axis=1))))}
+
+
+def main(argv):
+  del argv
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import linear_model
+  from sklearn import model_selection
+
+  digits = datasets.load_digits()
+  real_uint8 = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)[..., None]
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      digit_features(real_uint8), digits.target, test_size=0.4, random_state=0,
+      stratify=digits.target)
+  classifier = linear_model.LogisticRegression(max_iter=5000, C=1.0)
+  classifier.fit(x_train, y_train)
+  accuracy = classifier.score(x_test, y_test)
+
+  with open(os.path.join(FLAGS.workdir, checkpointing.CONFIG_FILE)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if (config.data.dataset, config.data.image_size, config.data.channels) != ("digits", 8, 1):
+    raise ValueError(f"{FLAGS.workdir} is not an 8x8 digits run (configs/digits.py).")
+  mesh = sharding.make_mesh()
+  params, step = checkpointing.load_eval_params(FLAGS.workdir, config, use_ema=True, mesh=mesh)
+  _, model = run_setup.build_model(config)
+  sampler = sample_grid.make_grid_sampler(model, run_setup.build_schedule(config), config,
+                                          mesh, FLAGS.num_samples)
+  start = time.time()
+  samples = np.asarray(sampler(params))  # [N, 8, 8, 1] in [-1, 1]
+  seconds = time.time() - start
+  samples_uint8 = sample_grid.to_uint8(samples)
+  grid_path = sample_grid.save_png(
+      os.path.join(FLAGS.workdir, "samples", f"benchmark_step_{step:08d}.png"),
+      sample_grid.make_grid(samples_uint8[:100], num_cols=10))
+
+  real = scores(classifier.predict_proba(x_test))
+  fake = scores(classifier.predict_proba(digit_features(samples_uint8)))
+  print(f"classifier: logistic regression, held-out accuracy {accuracy:.3f}")
+  print(f"checkpoint step {step}, {FLAGS.num_samples} samples "
+        f"({config.sampling.sampler}, {seconds:.1f} s), grid: {grid_path}")
+  print(f"{'':24s}{'confidence':>12s}{'IS-like':>10s}{'classes':>9s}")
+  print(f"{'real digits (held out)':24s}{real['confidence']:12.3f}{real['is_like']:10.2f}"
+        f"{real['classes_present']:9d}")
+  print(f"{'samples (EMA)':24s}{fake['confidence']:12.3f}{fake['is_like']:10.2f}"
+        f"{fake['classes_present']:9d}")
+  ratios = {k: fake[k] / real[k] for k in ("confidence", "is_like")}
+  print(f"{'samples / real':24s}{ratios['confidence']:12.1%}{ratios['is_like']:10.1%}")
+  ok = all(r >= FLAGS.target for r in ratios.values())
+  print(f"target >= {FLAGS.target:.0%} of the real digits' figures: "
+        f"{'reached' if ok else 'NOT reached'}")
+  counts = np.bincount(classifier.predict(digit_features(samples_uint8)), minlength=10)
+  print("samples per predicted class:", counts.tolist())
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)
