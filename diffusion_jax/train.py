@@ -89,7 +89,10 @@ def _flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
-  """Fetches the metrics of the steps since the last summary; raises at a non-finite one."""
+  """Fetches the metrics of the steps since the last summary; raises at a non-finite one.
+
+  Returns the means over those steps (the learning rate: that of the last step).
+  """
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), m in zip(pending, fetched):
     if not bool(m["finite"]):
@@ -98,8 +101,11 @@ def _summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
           f"({float(m['grad_norm'])}) at step {step + 1}. Training stopped; that update "
           "was not applied and no state after it was saved. Lower optim.learning_rate, "
           "check the data, or use a more stable diffusion.loss_type / model_mean_type.")
-  keys = [k for k in fetched[0] if k != "finite"]
-  return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+  summary = {k: float(np.mean([m[k] for m in fetched]))
+             for k in fetched[0] if k not in ("finite", "learning_rate")}
+  if "learning_rate" in fetched[-1]:
+    summary["learning_rate"] = float(fetched[-1]["learning_rate"])  # Of the last step.
+  return summary
 
 
 def _save_samples(sampler, state, step: int, workdir: str, writer) -> None:

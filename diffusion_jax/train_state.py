@@ -76,8 +76,3 @@ def apply_gradients(state: TrainState, grads: PyTree, tx: optax.GradientTransfor
       ema_params=ema_update(state.ema_params, params, ema_decay),
       opt_state=opt_state)
 
-
-def state_to_dict(state: TrainState) -> dict[str, PyTree]:
-  """Returns the state as a plain dict (the layout written to checkpoints)."""
-  return {"step": state.step, "params": state.params, "ema_params": state.ema_params,
-          "opt_state": state.opt_state}

@@ -175,3 +175,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, _cache, 
       str(workdir), training_testlib.digits_smoke(), use_ema=False)
   assert step == 5
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(jax.device_get(params)))
+
+
+def test_checkpoints_by_minutes(tmp_path, _cache):
+  """With the step cadence out of reach, the time cadence alone saves (here: every step)."""
+  config = training_testlib.digits_smoke(
+      "--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=1000",
+      "--config.training.checkpoint_every_minutes=1e-9",
+      "--config.training.max_to_keep_preemption=10")
+  train.train_and_evaluate(config, str(tmp_path / "minutes"))
+  assert sorted(os.listdir(tmp_path / "minutes" / "checkpoints")) == ["1", "2", "3", "4"]
