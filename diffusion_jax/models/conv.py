@@ -84,6 +84,11 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
 def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
   """The kernel gradient of `conv3x3` as nine shifted matrix products.
 
+  Each product is written g^T [Cout, N] @ window [N, Cin] (N = B H' W'): the window, a
+  strided slice of the padded input, is then a row-major matrix whose contracting axis
+  is major, the layout XLA:CPU's matmul takes without a transposing copy; g is
+  transposed once for all nine.
+
   Args:
     x: [B, H, W, Cin] the convolution's input.
     g: [B, H', W', Cout] the cotangent of its output.
@@ -96,18 +101,17 @@ def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
   _, out_h, out_w, cout = g.shape
   (top, bottom), (left, right) = _padding(x.shape, stride)
   x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
-  g = g.astype(x.dtype)
+  g_t = g.astype(x.dtype).reshape(-1, cout).T  # [Cout, N]
   rows = []
   for i in range(3):
     for j in range(3):
       window = lax.slice(
           x_pad, (0, i, j, 0),
           (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, cin),
-          (1, stride, stride, 1))  # [B, H', W', Cin]
-      rows.append(lax.dot_general(
-          window, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-          preferred_element_type=_accumulation_dtype(x.dtype)))  # [Cin, Cout]
-  return jnp.stack(rows).reshape(3, 3, cin, cout)
+          (1, stride, stride, 1)).reshape(-1, cin)  # [N, Cin]
+      rows.append(lax.dot(g_t, window,
+                          preferred_element_type=_accumulation_dtype(x.dtype)))  # [Cout, Cin]
+  return jnp.stack(rows).reshape(3, 3, cout, cin).transpose(0, 1, 3, 2)
 
 
 def kernel_grad_xla(x: jax.Array, g: jax.Array, stride: int,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax.models import conv
+from diffusion_jax.models import norm
 
 Dtype = Any
 GROUP_NORM_EPSILON = 1e-6  # tf.contrib.layers.group_norm default; diffusers' DDPM norm_eps.
@@ -148,14 +149,20 @@ class Dense(nn.Module):
 class GroupNorm(nn.Module):
   """Group normalization over (H, W, channels of the group), statistics in float32.
 
+  Computed by `norm.group_norm` (per-channel reductions and a closed-form gradient, much
+  faster on CPU than autodiff of the textbook form); `swish=True` fuses the activation
+  that follows most normalizations of the network.
+
   Attributes:
     num_groups: number of channel groups (must divide the channel count).
     epsilon: added to the variance (1e-6 as the official code).
     dtype: output dtype.
+    swish: apply swish to the output (the same as `nn.swish(GroupNorm(...)(x))`).
   """
   num_groups: int = 32
   epsilon: float = GROUP_NORM_EPSILON
   dtype: Dtype = jnp.float32
+  swish: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H, W, C]
@@ -165,13 +172,8 @@ class GroupNorm(nn.Module):
                        f"num_groups={self.num_groups}; choose num_groups dividing it.")
     scale = self.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,), jnp.float32)
-    grouped = x.astype(jnp.float32).reshape(
-        x.shape[:-1] + (self.num_groups, channels // self.num_groups))  # [B, H, W, G, C/G]
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    mean = grouped.mean(axis=axes, keepdims=True)  # [B, 1, 1, G, 1]
-    var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-    y = ((grouped - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-    return (y * scale + bias).astype(self.dtype)
+    return norm.group_norm(x, scale, bias, num_groups=self.num_groups,
+                           epsilon=self.epsilon, swish=self.swish, out_dtype=self.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -213,11 +215,11 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     # x: [B, H, W, C], temb: [B, 4 ch] -> [B, H, W, out_ch]
-    h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
+    h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm1")(x)
     h = Conv3x3(self.out_ch, dtype=self.dtype, name="conv1")(h)
     h = h + Dense(self.out_ch, dtype=self.dtype, name="temb_proj")(
         nn.swish(temb))[:, None, None, :]
-    h = nn.swish(GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h))
+    h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm2")(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = Conv3x3(self.out_ch, init_scale=0.0, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_ch:
