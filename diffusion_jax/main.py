@@ -6,14 +6,16 @@ be shrunk for a smoke run (`--config configs/cifar10.py:smoke`). `--mode` picks 
 mapping `MODES` of the module `diffusion_jax.evaluation.modes` (name -> function of
 (config, workdir)), which this file picks up when that module exists.
 
-Multi-host: `--distributed` calls `jax.distributed.initialize()`, which finds its peers by
-itself on Cloud TPU pod slices (and under SLURM); elsewhere pass
+Multi-host: on a Cloud TPU VM (one host or a pod slice) and in SLURM jobs of several tasks
+`jax.distributed.initialize()` is called and finds its peers by itself (`--distributed` /
+`--nodistributed` force it on or off); elsewhere pass
 `--coordinator_address host:port --num_processes N --process_id i`. See launch/.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable
 
 from absl import app
@@ -32,9 +34,10 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs outside Cloud TPU.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with coordinator).")
-flags.DEFINE_bool("distributed", False,
+flags.DEFINE_bool("distributed", None,
                   "Call jax.distributed.initialize() without arguments, which finds the "
-                  "other processes itself (Cloud TPU pod slices, SLURM).")
+                  "other processes itself (Cloud TPU pod slices, SLURM). Default: on a "
+                  "Cloud TPU VM and in a SLURM job of several tasks.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,7 +63,11 @@ def _initialize_distributed() -> None:
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
     return
-  if FLAGS.distributed:
+  auto = FLAGS.distributed
+  if auto is None:
+    on_tpu_vm = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
+    auto = on_tpu_vm or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if auto:
     jax.distributed.initialize()
 
 

@@ -4,8 +4,8 @@
 #   PROJECT=my-project ZONE=europe-west4-a BUCKET=gs://my-bucket ACCELERATOR=v3-32 \
 #     bash launch/tpu_pod.sh
 #
-# The same command runs on every worker (--worker=all); `--distributed` makes each process
-# call jax.distributed.initialize(), which finds its peers from the TPU metadata. The mesh
+# The same command runs on every worker (--worker=all); on a TPU VM each process calls
+# jax.distributed.initialize() (forced here by --distributed), which finds its peers. The mesh
 # then spans all cores of all hosts; each host feeds its own rows of every global batch.
 # The workdir must be a gs:// path (every host writes its part of each checkpoint).
 set -euo pipefail

@@ -185,3 +185,26 @@ def test_checkpoints_by_minutes(tmp_path, _cache):
       "--config.training.max_to_keep_preemption=10")
   train.train_and_evaluate(config, str(tmp_path / "minutes"))
   assert sorted(os.listdir(tmp_path / "minutes" / "checkpoints")) == ["1", "2", "3", "4"]
+
+
+def test_distributed_initialization_choice(monkeypatch):
+  if not main.FLAGS.is_parsed():
+    main.FLAGS.mark_as_parsed()  # Flag defaults only; no command line in this test.
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(main.os.path, "exists", lambda p: False)  # Not a TPU VM.
+  with flagsaver.flagsaver(distributed=None, coordinator_address=None):
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    main._initialize_distributed()
+    assert calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # A SLURM job of 4 tasks: auto-detected.
+    main._initialize_distributed()
+    assert calls == [{}]
+  with flagsaver.flagsaver(distributed=None, coordinator_address="10.0.0.1:1234",
+                           num_processes=2, process_id=1):
+    main._initialize_distributed()
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                         "process_id": 1}
+  with flagsaver.flagsaver(coordinator_address="10.0.0.1:1234", num_processes=None):
+    with pytest.raises(app.UsageError, match="num_processes"):
+      main._initialize_distributed()
