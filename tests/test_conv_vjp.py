@@ -16,6 +16,9 @@ from diffusion_jax.models import conv
 MODES = ("auto", "matmul", "xla")
 # (stride, height, width): even and odd sizes, square and not (TF SAME pads high first).
 GEOMETRIES = ((1, 8, 8), (1, 5, 7), (2, 8, 8), (2, 7, 6))
+# (Cin, Cout): which operand is shifted (the one with fewer channels at stride 1), and
+# whether the nine shifted copies are concatenated (<= 64 channels) or not.
+CHANNELS = ((4, 6), (6, 4), (72, 80), (80, 72))
 
 
 def _reference(x, kernel, stride):
@@ -25,11 +28,12 @@ def _reference(x, kernel, stride):
                                                                            jnp.float32))
 
 
-def _inputs(dtype, stride, height, width, seed=0):
+def _inputs(dtype, stride, height, width, seed=0, channels=(4, 6)):
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((2, height, width, 4))  # [B, H, W, Cin]
-  kernel = rng.standard_normal((3, 3, 4, 6))  # HWIO
-  out_shape = (2, -(-height // stride), -(-width // stride), 6)
+  cin, cout = channels
+  x = rng.standard_normal((2, height, width, cin))  # [B, H, W, Cin]
+  kernel = rng.standard_normal((3, 3, cin, cout))  # HWIO
+  out_shape = (2, -(-height // stride), -(-width // stride), cout)
   cotangent = rng.standard_normal(out_shape)
   return (jnp.asarray(x, dtype), jnp.asarray(kernel, dtype), jnp.asarray(cotangent, dtype))
 
@@ -50,6 +54,17 @@ def _rel(a, b):
 @pytest.mark.parametrize("stride,height,width", GEOMETRIES)
 def test_float32_output_and_gradients_match_lax(mode, stride, height, width):
   x, kernel, g = _inputs(jnp.float32, stride, height, width)
+  _check_float32(x, kernel, g, stride, mode)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_float32_gradients_for_each_matmul_layout(channels, stride):
+  x, kernel, g = _inputs(jnp.float32, stride, 6, 5, seed=4, channels=channels)
+  _check_float32(x, kernel, g, stride, "matmul")
+
+
+def _check_float32(x, kernel, g, stride, mode):
   (want_y, want_dx, want_dw), (y, dx, dw) = _both(x, kernel, g, stride, mode)
   assert y.shape == want_y.shape and dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_array_equal(y, want_y)  # The forward is lax's own convolution.
@@ -58,10 +73,12 @@ def test_float32_output_and_gradients_match_lax(mode, stride, height, width):
   assert np.abs(np.asarray(dw)).max() > 1.0  # Non-trivial gradients.
 
 
+@pytest.mark.parametrize("channels", CHANNELS[:2])
 @pytest.mark.parametrize("stride,height,width", GEOMETRIES)
-def test_float64_gradients_are_exact(stride, height, width):
+def test_float64_gradients_are_exact(stride, height, width, channels):
   with jax.enable_x64(True):
-    x, kernel, g = _inputs(jnp.float64, stride, height, width, seed=1)
+    x, kernel, g = _inputs(jnp.float64, stride, height, width, seed=1, channels=channels)
+    cin, cout = channels
     (_, want_dx, want_dw), (_, dx, dw) = _both(x, kernel, g, stride, "matmul")
     assert dx.dtype == dw.dtype == jnp.float64
     assert _rel(dx, want_dx) < 1e-14
@@ -75,7 +92,7 @@ def test_float64_gradients_are_exact(stride, height, width):
     direct = np.stack([
         np.einsum("bhwc,bhwo->co",
                   xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride],
-                  gn) for i in range(3) for j in range(3)]).reshape(3, 3, 4, 6)
+                  gn) for i in range(3) for j in range(3)]).reshape(3, 3, cin, cout)
     assert _rel(dw, direct) < 1e-14
 
 

@@ -81,13 +81,36 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
       preferred_element_type=_accumulation_dtype(x.dtype))
 
 
-def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
-  """The kernel gradient of `conv3x3` as nine shifted matrix products.
+# Shifted operands with at most this many channels are concatenated into one matrix
+# [N, 9 c] (one wide matmul); wider ones are multiplied one by one (nine matmuls), which
+# avoids writing a nine times larger copy.
+_CONCAT_MAX_CHANNELS = 64
 
-  Each product is written g^T [Cout, N] @ window [N, Cin] (N = B H' W'): the window, a
-  strided slice of the padded input, is then a row-major matrix whose contracting axis
-  is major, the layout XLA:CPU's matmul takes without a transposing copy; g is
-  transposed once for all nine.
+
+def _shifted_products(fixed: jax.Array, views: list[jax.Array]) -> jax.Array:
+  """[9, c_fixed, c_view]: fixed^T @ view for each of the nine views ([N, c] each).
+
+  fixed^T [c_fixed, N] is formed once; each view is the right operand as it lies in
+  memory (contracting axis major), so XLA:CPU's matmul needs no transposing copy of it.
+  """
+  fixed_t = fixed.T  # [c_fixed, N]
+  acc = _accumulation_dtype(fixed.dtype)
+  c_view = views[0].shape[-1]
+  if c_view <= _CONCAT_MAX_CHANNELS:
+    out = lax.dot(fixed_t, jnp.concatenate(views, axis=-1),
+                  preferred_element_type=acc)  # [c_fixed, 9 c_view]
+    return out.reshape(fixed_t.shape[0], 9, c_view).transpose(1, 0, 2)
+  return jnp.stack([lax.dot(fixed_t, v, preferred_element_type=acc) for v in views])
+
+
+def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
+  """The kernel gradient of `conv3x3` as shifted matrix products.
+
+  dW[i, j] = sum over output positions p of x_pad[s p + (i, j)]^T g[p]. The operand with
+  fewer channels is the one shifted: nine shifted copies (windows) of the padded input
+  x, multiplied by g^T [Cout, N] (N = B H' W'); or, at stride 1 when Cout < Cin, nine
+  shifted copies of the zero-padded g (g[p - (i - 1, j - 1)] on x's grid), multiplied by
+  x^T [Cin, N].
 
   Args:
     x: [B, H, W, Cin] the convolution's input.
@@ -97,21 +120,24 @@ def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
   Returns:
     [3, 3, Cin, Cout] in float32 (float64 for float64 inputs).
   """
-  batch, _, _, cin = x.shape
+  batch, height, width, cin = x.shape
   _, out_h, out_w, cout = g.shape
+  g = g.astype(x.dtype)
+  if stride == 1 and cout < cin:
+    g_pad = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H + 2, W + 2, Cout]
+    views = [lax.slice(g_pad, (0, 2 - i, 2 - j, 0),
+                       (batch, 2 - i + height, 2 - j + width, cout)).reshape(-1, cout)
+             for i in range(3) for j in range(3)]  # [N, Cout] each
+    out = _shifted_products(x.reshape(-1, cin), views)  # [9, Cin, Cout]
+    return out.reshape(3, 3, cin, cout)
   (top, bottom), (left, right) = _padding(x.shape, stride)
   x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
-  g_t = g.astype(x.dtype).reshape(-1, cout).T  # [Cout, N]
-  rows = []
-  for i in range(3):
-    for j in range(3):
-      window = lax.slice(
-          x_pad, (0, i, j, 0),
-          (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, cin),
-          (1, stride, stride, 1)).reshape(-1, cin)  # [N, Cin]
-      rows.append(lax.dot(g_t, window,
-                          preferred_element_type=_accumulation_dtype(x.dtype)))  # [Cout, Cin]
-  return jnp.stack(rows).reshape(3, 3, cout, cin).transpose(0, 1, 3, 2)
+  views = [lax.slice(x_pad, (0, i, j, 0),
+                     (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
+                      cin), (1, stride, stride, 1)).reshape(-1, cin)
+           for i in range(3) for j in range(3)]  # [N, Cin] each
+  out = _shifted_products(g.reshape(-1, cout), views)  # [9, Cout, Cin]
+  return out.reshape(3, 3, cout, cin).transpose(0, 1, 3, 2)
 
 
 def kernel_grad_xla(x: jax.Array, g: jax.Array, stride: int,

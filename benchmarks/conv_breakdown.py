@@ -1,0 +1,149 @@
+"""The train step's 3x3 convolutions, piece by piece: forward, input and kernel gradients.
+
+  python -m benchmarks.conv_breakdown --batch 32
+
+Traces the U-Net once, collects every 3x3 convolution (input shape, channels, stride),
+then times each distinct one alone in its three parts (forward; input gradient = XLA's
+transposed convolution; kernel gradient by each method of `conv.conv3x3`) and the same
+parts in PyTorch (`conv2d` forward, `torch.nn.grad.conv2d_input/weight`, what its
+autograd runs). Times times counts give each part's cost per train step, in ms and
+GFLOP/s, next to the measured matmul peak. CPU time (both threads) is printed too: on
+a shared machine it moves less with other load than wall time does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import configs
+from benchmarks import harness
+from diffusion_jax import models
+from diffusion_jax.models import conv
+
+
+def conv_shapes(unet_config: models.UNetConfig, batch: int) -> collections.Counter:
+  """(x shape, Cout, stride) -> number of such 3x3 convolutions in one forward."""
+  shapes = collections.Counter()
+  original = conv.conv3x3
+
+  def spy(x, kernel, stride=1, **kwargs):
+    shapes[(tuple(x.shape), int(kernel.shape[-1]), int(stride))] += 1
+    return original(x, kernel, stride, **kwargs)
+
+  model = models.UNet(unet_config)
+  size = unet_config.image_size
+  x = jax.ShapeDtypeStruct((batch, size, size, unet_config.in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  params = models.param_shapes(unet_config)  # Traces the model itself: before the spy.
+  conv.conv3x3 = spy
+  try:
+    jax.eval_shape(lambda p, x, t: model.apply({"params": p}, x, t), params, x, t)
+  finally:
+    conv.conv3x3 = original
+  return shapes
+
+
+def _time(fns: dict, repeats: int) -> dict:
+  """name -> (median wall s, median CPU s), alternating the functions."""
+  for fn in fns.values():
+    harness.block(fn())
+  wall = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      w, c = time.perf_counter(), time.process_time()
+      harness.block(fn())
+      cpu[name].append(time.process_time() - c)
+      wall[name].append(time.perf_counter() - w)
+  return {k: (float(np.median(wall[k])), float(np.median(cpu[k]))) for k in fns}
+
+
+def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
+  """name -> zero-argument function computing one part for one convolution."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, x_shape[-1], cout)) * 0.05, jnp.float32)
+  out_hw = tuple(-(-s // stride) for s in x_shape[1:3])
+  g = jnp.asarray(rng.standard_normal((x_shape[0],) + out_hw + (cout,)), jnp.float32)
+  forward = jax.jit(lambda x, w: conv.conv3x3(x, w, stride))
+  x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  input_grad = jax.jit(lambda w, g: conv._input_grad(w, g, stride, x_aval))  # pylint: disable=protected-access
+  grad_matmul = jax.jit(lambda x, g: conv.kernel_grad_matmul(x, g, stride))
+  grad_xla = jax.jit(lambda x, g: conv.kernel_grad_xla(x, g, stride, kernel.shape))
+  fns = {"forward": lambda: forward(x, kernel), "input grad": lambda: input_grad(kernel, g),
+         "kernel grad (matmul)": lambda: grad_matmul(x, g),
+         "kernel grad (xla)": lambda: grad_xla(x, g)}
+  if torch is not None:
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tw = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
+    tg = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
+    pad = conv.same_padding(x_shape[1], stride)
+
+    def t_forward():
+      xp = torch.nn.functional.pad(tx, (pad[0], pad[1], pad[0], pad[1]))
+      return torch.nn.functional.conv2d(xp, tw, stride=stride)
+
+    if pad[0] == pad[1]:  # Symmetric padding: the layer torch's autograd would run.
+      fns["torch forward"] = lambda: torch.nn.functional.conv2d(tx, tw, stride=stride,
+                                                                 padding=pad[0])
+      fns["torch input grad"] = lambda: torch.nn.grad.conv2d_input(
+          tx.shape, tw, tg, stride=stride, padding=pad[0])
+      fns["torch kernel grad"] = lambda: torch.nn.grad.conv2d_weight(
+          tx, tw.shape, tg, stride=stride, padding=pad[0])
+    else:
+      xp = torch.nn.functional.pad(tx, (pad[0], pad[1], pad[0], pad[1]))
+      fns["torch forward"] = t_forward
+      fns["torch input grad"] = lambda: torch.nn.grad.conv2d_input(
+          xp.shape, tw, tg, stride=stride)
+      fns["torch kernel grad"] = lambda: torch.nn.grad.conv2d_weight(
+          xp, tw.shape, tg, stride=stride)
+  return fns
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--network", default="cifar10", choices=sorted(configs.NETWORKS))
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no_peer", action="store_true")
+  parser.add_argument("--verbose", action="store_true", help="print every shape")
+  args = parser.parse_args(argv)
+  torch = None if args.no_peer else harness.setup_torch()
+  load_before = harness.load_average()
+  peak = harness.matmul_peak("float32", torch_module=torch)
+  unet_config = models.unet_config_from(configs.load_config(args.network))
+  shapes = conv_shapes(unet_config, args.batch)
+  totals = collections.defaultdict(lambda: [0.0, 0.0, 0.0])  # wall, cpu, flops
+  for (x_shape, cout, stride), count in sorted(shapes.items()):
+    out_pixels = x_shape[0] * -(-x_shape[1] // stride) * -(-x_shape[2] // stride)
+    flops = 2.0 * out_pixels * 9 * x_shape[-1] * cout
+    times = _time(part_functions(x_shape, cout, stride, torch), args.repeats)
+    for name, (wall, cpu) in times.items():
+      totals[name][0] += count * wall
+      totals[name][1] += count * cpu
+      totals[name][2] += count * flops
+      if args.verbose:
+        print(f"{x_shape} -> {cout} s{stride} x{count}: {name} {wall * 1e3:.2f} ms "
+              f"({flops / wall / 1e9:.0f} GFLOP/s)")
+  print(f"## 3x3 convolutions of one {args.network} train step, batch {args.batch}\n")
+  print(harness.machine_line())
+  print(f"load average: before {load_before:.2f}, after {harness.load_average():.2f}; "
+        f"matmul peak {peak['peak'] / 1e9:.0f} GFLOP/s "
+        f"(jax {peak['jax'] / 1e9:.0f}, torch {peak.get('torch', 0) / 1e9:.0f}); "
+        f"{sum(shapes.values())} convolutions per forward\n")
+  print("| part | ms per step | GFLOP/s | % of peak | CPU ms per step |")
+  print("|---|---|---|---|---|")
+  for name, (wall, cpu, flops) in totals.items():
+    print(f"| {name} | {wall * 1e3:.0f} | {flops / wall / 1e9:.0f} | "
+          f"{100 * flops / wall / peak['peak']:.0f}% | {cpu * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+  main()

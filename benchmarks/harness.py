@@ -1,0 +1,227 @@
+"""Measurement helpers shared by the benchmark scripts: timing, peaks, memory, tables.
+
+Every script measures our figure and the peer's in the same process, alternating the
+two after warm-up, and reports medians; it measures the hardware peak (a large matmul
+through JAX and through PyTorch, the larger counts) in the same run, and prints the load
+average before and after, since other work on a shared machine pollutes timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Counted model FLOPs (REFERENCE.md): one forward of the CIFAR10 network on a 32x32 image
+# and of the 256x256 network; a train step costs three forwards.
+CIFAR10_FORWARD_FLOPS = 12.1e9
+LARGE256_FORWARD_FLOPS = 496e9
+TRAIN_STEP_FORWARDS = 3
+
+
+def setup_torch(threads: int | None = None):
+  """Imports torch with `threads` intra-op threads (default: all cores); returns it."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads or os.cpu_count() or 1)
+  return torch
+
+
+def load_average() -> float:
+  """The 1-minute load average (processes running or waiting for a core)."""
+  return os.getloadavg()[0]
+
+
+def cpu_model() -> str:
+  """The CPU model name from /proc/cpuinfo (or the platform's processor string)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine_line() -> str:
+  """One line naming the machine, the JAX backend and the date."""
+  devices = jax.devices()
+  kind = devices[0].device_kind if devices else "?"
+  return (f"{datetime.date.today().isoformat()} | CPU: {cpu_model()}, {os.cpu_count()} "
+          f"cores | JAX {jax.__version__} on {jax.default_backend()} ({len(devices)} x "
+          f"{kind})")
+
+
+def block(tree):
+  """Waits for every JAX array in `tree` (torch results are synchronous on CPU)."""
+  return jax.block_until_ready(tree)
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
+                     repeats: int = 5) -> dict[str, float]:
+  """Median seconds per call of each function, calling them in turn (A B A B ...).
+
+  Args:
+    fns: name -> a zero-argument function that runs one measured unit to completion.
+    warmup: untimed calls of each function first (compilation, caches).
+    repeats: timed calls of each function.
+
+  Returns:
+    name -> median seconds.
+  """
+  for _ in range(warmup):
+    for fn in fns.values():
+      block(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      block(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def timed_first_call(fn: Callable[[], object]) -> float:
+  """Seconds of one call (for the first call of a jitted function: mostly compilation)."""
+  start = time.perf_counter()
+  block(fn())
+  return time.perf_counter() - start
+
+
+def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5,
+                torch_module=None) -> dict[str, float]:
+  """FLOP/s of a large square matmul through JAX (and PyTorch when given): the peak.
+
+  Args:
+    dtype: "float32" or "bfloat16".
+    size: the matrices are [size, size].
+    repeats: timed runs (median) after one warm-up.
+    torch_module: the imported torch module, to measure its matmul too.
+
+  Returns:
+    {"jax": flop/s, "torch": flop/s (when measured), "peak": the larger}.
+  """
+  flops = 2.0 * size**3
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  fns = {"jax": lambda: matmul(a)}
+  if torch_module is not None:
+    t = torch_module.from_numpy(np.asarray(a.astype(jnp.float32))).to(
+        getattr(torch_module, dtype))
+    fns["torch"] = lambda: t @ t
+  seconds = time_alternating(fns, warmup=1, repeats=repeats)
+  out = {name: flops / s for name, s in seconds.items()}
+  out["peak"] = max(out.values())
+  return out
+
+
+def _read_status(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+@dataclasses.dataclass
+class PeakMemory:
+  """Peak memory of a block: RSS high-water delta (CPU) or device peak (accelerators)."""
+  bytes: int | None = None
+  how: str = ""
+
+
+@contextlib.contextmanager
+def peak_memory(device: jax.Device | None = None) -> Iterator[PeakMemory]:
+  """Measures the peak memory used while the block runs.
+
+  On an accelerator: the device's `peak_bytes_in_use` (which is not resettable, so the
+  figure is the process-wide device peak up to the end of the block). On CPU: the
+  process's resident-set high-water mark, reset before the block (Linux
+  /proc/self/clear_refs), minus the resident set at its start.
+  """
+  result = PeakMemory()
+  device = device or jax.devices()[0]
+  if device.platform != "cpu":
+    yield result
+    stats = device.memory_stats() or {}
+    result.bytes = stats.get("peak_bytes_in_use")
+    result.how = "device peak_bytes_in_use"
+    return
+  start = _read_status("VmRSS")
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")  # Resets VmHWM to the current RSS.
+    resettable = True
+  except OSError:
+    resettable = False
+  yield result
+  peak = _read_status("VmHWM")
+  if start is not None and peak is not None and resettable:
+    result.bytes = max(peak - start, 0)
+    result.how = "process peak RSS delta"
+
+
+def gib(n: float | None) -> str:
+  return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+@dataclasses.dataclass
+class Row:
+  """One benchmark row: our throughput and the peer's, and FLOPs per unit for the peak."""
+  name: str
+  ours: float  # units per second
+  peer: float | None  # units per second
+  unit: str
+  flops_per_unit: float | None = None
+  precision: str = "float32"  # Which measured peak the FLOP rate is compared with.
+  ours_mem: int | None = None
+  peer_mem: int | None = None
+
+
+def print_table(title: str, rows: Sequence[Row], peaks: dict[str, dict[str, float]],
+                load_before: float, load_after: float, notes: Sequence[str] = ()) -> str:
+  """Prints (and returns) one Markdown table with ratio and fraction of the peak.
+
+  Args:
+    title: the table's heading.
+    rows: the measurements.
+    peaks: precision -> `matmul_peak` result.
+    load_before, load_after: load averages around the measurements.
+    notes: lines printed under the table.
+  """
+  peak_desc = "; ".join(
+      f"{precision}: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in p.items())
+      for precision, p in peaks.items())
+  lines = [f"## {title}", "", machine_line(),
+           f"load average (1 min): before {load_before:.2f}, after {load_after:.2f} | "
+           f"matmul GFLOP/s measured in this run: {peak_desc}", "",
+           "| benchmark | ours | peer | ours / peer | ours GFLOP/s | ours % of peak | "
+           "peer % of peak | peak mem ours | peak mem peer |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    ratio = f"{r.ours / r.peer:.2f}x" if r.peer else "n/a"
+    peak = peaks.get(r.precision, {}).get("peak")
+    if r.flops_per_unit and peak:
+      gflops = f"{r.ours * r.flops_per_unit / 1e9:.1f}"
+      frac = f"{100 * r.ours * r.flops_per_unit / peak:.0f}%"
+      peer_frac = (f"{100 * r.peer * r.flops_per_unit / peak:.0f}%" if r.peer else "n/a")
+    else:
+      gflops = frac = peer_frac = "n/a"
+    peer = f"{r.peer:.3g} {r.unit}" if r.peer else "n/a"
+    lines.append(f"| {r.name} | {r.ours:.3g} {r.unit} | {peer} | {ratio} | {gflops} | "
+                 f"{frac} | {peer_frac} | {gib(r.ours_mem)} | {gib(r.peer_mem)} |")
+  lines += [""] + [f"- {n}" for n in notes]
+  text = "\n".join(lines)
+  print(text, flush=True)
+  return text

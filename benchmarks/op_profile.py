@@ -1,0 +1,162 @@
+"""Where the time of a compiled program goes: per-operation time from a profiler trace.
+
+  python -m benchmarks.op_profile --what train_step --batch 8     # CIFAR10 network
+  python -m benchmarks.op_profile --what forward --batch 16
+  python -m benchmarks.op_profile --what train_step --kernel_grad xla --batch 32
+
+XLA:CPU records one trace event per executed operation (thunk), named after the HLO
+instruction. The events are joined with the optimized HLO's `op_name` metadata (the JAX
+source path, e.g. `transpose(jvp(UNet))/up_1/block_0/conv1/...`) and summed per category:
+forward or backward (`transpose(...)` in the path), convolution, matmul (`dot_general`),
+and the other fused kernels by the JAX operation that produced them. Durations are
+summed over both worker threads, so shares, not sums, compare with wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import jax
+import numpy as np
+
+from benchmarks import configs
+from benchmarks import harness
+from benchmarks import train_step as train_step_bench
+from diffusion_jax import run_setup
+from diffusion_jax import sharding
+from diffusion_jax.models import conv
+
+_SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjRt", "TfrtCpu", "Pjit", "Common",
+         "ParseArguments", "Allocate", "PythonRef", "Threadpool")
+
+
+def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (opcode, JAX op_name) of an optimized HLO module's text."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(", line)
+    if m:
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      out[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+  return out
+
+
+def category(instruction: str, opcode: str, op_name: str) -> str:
+  """A readable category: direction, and convolution / matmul / the JAX primitive."""
+  direction = "backward" if "transpose(" in op_name else "forward"
+  if not op_name:
+    return f"{opcode} (no source)"
+  primitive = op_name.rsplit("/", 1)[-1]
+  if "conv_general_dilated" in primitive:
+    kind = "convolution"
+  elif "dot_general" in primitive:
+    kind = "matmul"
+    if "/conv" in op_name and direction == "backward":
+      kind = "matmul (conv kernel gradient)"
+    elif "/attn" in op_name:
+      kind = "matmul (attention)"
+  elif "/conv" in op_name and direction == "backward" and primitive in ("slice", "pad",
+                                                                         "transpose"):
+    kind = f"{primitive} (conv kernel gradient)"
+  else:
+    kind = f"{instruction.split('.')[0]} [{primitive}]"
+  return f"{direction}: {kind}"
+
+
+def profile(fn, args, runs: int = 2) -> tuple[dict[str, float], dict[str, int], float]:
+  """Runs the jitted `fn(*args)` under the profiler `runs` times.
+
+  Returns:
+    (category -> seconds per run, category -> events per run, total op seconds per run).
+  """
+  compiled = fn.lower(*args).compile()
+  meta = hlo_metadata(compiled.as_text())
+  harness.block(fn(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(runs):
+      harness.block(fn(*args))
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                            recursive=True))[-1]
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  seconds, counts = collections.defaultdict(float), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name.startswith(_SKIP) or name not in meta:
+      continue
+    opcode, op_name = meta[name]
+    if opcode == "while":  # Its body's operations have their own events.
+      continue
+    key = category(name, opcode, op_name)
+    seconds[key] += e["dur"] * 1e-6 / runs
+    counts[key] += 1
+  total = sum(seconds.values())
+  return dict(seconds), {k: v // runs for k, v in counts.items()}, total
+
+
+def build(what: str, network: str, batch: int):
+  """(jitted fn, args) of the program to profile; the train step donates its state."""
+  config = configs.load_config(network)
+  config.training.batch_size = batch
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  size, channels = config.data.image_size, config.data.channels
+  images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels))
+  images = sharding.shard_batch(images.astype(np.float32), mesh)
+  if what == "train_step":
+    step, state = train_step_bench.build_ours(config, mesh)
+    holder = [state]
+    compiled = step.lower(state, images).compile()
+
+    class Step:  # Re-feeds the donated state; `lower` for the HLO text.
+      def lower(self, *_):
+        return step.lower(holder[0], images)
+
+      def __call__(self, *_):
+        holder[0], metrics = compiled(holder[0], images)
+        return metrics
+
+    return Step(), ()
+  _, model = run_setup.build_model(config)
+  params = run_setup.init_train_state(config, mesh).params
+  t = jax.numpy.arange(batch, dtype=jax.numpy.int32) * 7 % 1000
+  fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+  return fn, (params, images, t)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--what", default="train_step", choices=["train_step", "forward"])
+  parser.add_argument("--network", default="cifar10", choices=sorted(configs.NETWORKS))
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--runs", type=int, default=2)
+  parser.add_argument("--top", type=int, default=20)
+  parser.add_argument("--kernel_grad", default="auto", choices=["auto", "matmul", "xla"])
+  args = parser.parse_args(argv)
+  load_before = harness.load_average()
+  with conv.kernel_gradient(args.kernel_grad):
+    fn, fn_args = build(args.what, args.network, args.batch)
+    seconds, counts, total = profile(fn, fn_args, args.runs)
+  print(f"## Operation profile: {args.what}, {args.network}, batch {args.batch}, "
+        f"kernel_grad={args.kernel_grad}\n")
+  print(harness.machine_line())
+  print(f"load average: before {load_before:.2f}, after {harness.load_average():.2f}; "
+        f"summed op time per run {total:.3f} s\n")
+  print("| category | ms per run | share | ops per run |")
+  print("|---|---|---|---|")
+  for key, value in sorted(seconds.items(), key=lambda kv: -kv[1])[:args.top]:
+    print(f"| {key} | {1e3 * value:.1f} | {100 * value / total:.1f}% | {counts[key]} |")
+
+
+if __name__ == "__main__":
+  main()
