@@ -21,7 +21,6 @@ def get_config(variant: str = ""):
   config.data.channels = 1
   config.data.random_flip = False
   config.data.eval_split = "train"  # The digits have a single split.
-  config.data.shuffle_buffer_size = 1_797
   config.model.ch = 32
   config.model.ch_mult = (1, 1)
   config.model.num_res_blocks = 1

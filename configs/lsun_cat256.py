@@ -7,6 +7,8 @@ def get_config(variant: str = ""):
   config = config_base.get_base_config()
   config.data.dataset = "lsun/cat"
   config.data.image_size = 256
+  # tfds has only the train split of lsun/cat.
+  config.data.eval_split = "train"
   config.data.random_flip = True
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)
   config.model.dropout = 0.0

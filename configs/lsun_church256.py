@@ -7,6 +7,7 @@ def get_config(variant: str = ""):
   config = config_base.get_base_config()
   config.data.dataset = "lsun/church_outdoor"
   config.data.image_size = 256
+  config.data.eval_split = "validation"
   config.data.random_flip = True
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)
   config.model.dropout = 0.0

@@ -12,7 +12,6 @@ def get_config(variant: str = ""):
   config.data.image_size = 28
   config.data.channels = 1
   config.data.random_flip = False
-  config.data.shuffle_buffer_size = 60_000
   config.model.ch = 64
   config.model.ch_mult = (1, 2, 2)
   config.model.attn_resolutions = (14,)

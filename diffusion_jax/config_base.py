@@ -33,7 +33,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.tfds_data_dir = ""  # "" means the tensorflow-datasets default.
   data.train_split = "train"
   data.eval_split = "test"
-  data.shuffle_buffer_size = 50_000
+  # Fixed-size sources (cifar10, mnist, npz, celeb_a_hq) whose size differs from
+  # image_size: False raises an error, True center-crops and resizes them. LSUN, folders
+  # and the digits are always cropped/resized.
+  data.resize = False
 
   # --- Model (the official U-Net) ----------------------------------------------
   model = config.model = ml_collections.ConfigDict()
@@ -99,6 +102,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   eval_config.fid_reference = ""  # .npz with mu/sigma, or "" to compute from data.train_split.
   eval_config.inception_weights = ""  # Converted Inception weights (.npz).
   eval_config.fid_batch_size = 200
+  eval_config.fid_method = "sqrtm"  # sqrtm (TTUR's scipy.linalg.sqrtm) or eigh (faster).
+  eval_config.bpd_clip_denoised = True  # Clip predicted x_0 in the bound, as the official code.
+  eval_config.bpd_t_chunk = 1  # Timesteps evaluated per network call in the bound.
+  eval_config.figure_rows = 4
+  eval_config.figure_columns = 8
+  eval_config.figure_t_fractions = (1.0, 0.75, 0.5, 0.25)  # Of T: where x_t is shared.
+  eval_config.figure_num_images = 64
   return config
 
 
@@ -118,7 +128,6 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.training.snapshot_every_steps = 10
   config.training.sample_every_steps = 10
   config.training.num_sample_images = 4
-  config.data.shuffle_buffer_size = 1_000
   config.optim.warmup_steps = 5
   config.sampling.num_samples = 16
   config.sampling.batch_size = 8
