@@ -176,6 +176,32 @@ class GroupNorm(nn.Module):
                            epsilon=self.epsilon, swish=self.swish, out_dtype=self.dtype)
 
 
+class Dropout(nn.Module):
+  """`nn.Dropout` with its mask drawn as one flat vector and reshaped.
+
+  The same masks as `nn.Dropout` under the same name (the same key, and threefry's
+  counters are the row-major element index for any shape), but the flat draw compiles
+  several times faster on CPU (it removed about 20 s from the CIFAR10 train step's
+  compilation).
+
+  Attributes:
+    rate: the probability of zeroing an element.
+    deterministic: no dropout when True.
+  """
+  rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.size,))
+    return lax.select(mask.reshape(x.shape), x / keep, jnp.zeros_like(x))
+
+
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   """The official sinusoidal embedding: [sin(t f_i), cos(t f_i)], f_i = 10000^(-i/(half-1)).
 
@@ -220,7 +246,7 @@ class ResnetBlock(nn.Module):
     h = h + Dense(self.out_ch, dtype=self.dtype, name="temb_proj")(
         nn.swish(temb))[:, None, None, :]
     h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm2")(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Dropout(self.dropout, deterministic=not train, name="Dropout_0")(h)
     h = Conv3x3(self.out_ch, init_scale=0.0, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_ch:
       x = Dense(self.out_ch, dtype=self.dtype, name="nin_shortcut")(x)
