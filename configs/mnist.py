@@ -1,6 +1,13 @@
 """MNIST 28x28, one channel (seed 004's exercise): eps- or v-prediction.
 
   --config.diffusion.model_mean_type=v   for v-prediction.
+
+Variants (`configs/mnist.py:VARIANT`):
+  smoke  a tiny model for tests.
+  cpu    a smaller U-Net (ch 32, one res block per level) that trains in about an hour
+         on a 2-core CPU; it reads the official MNIST files from an .npz
+         (--config.data.path=mnist.npz with x_train/x_test), as the README's MNIST
+         demonstration does.
 """
 
 from diffusion_jax import config_base
@@ -21,4 +28,22 @@ def get_config(variant: str = ""):
   config.training.sample_every_steps = 5_000
   config.training.snapshot_every_steps = 10_000
   config.optim.warmup_steps = 1_000
+  if variant == "cpu":
+    config.data.dataset = "npz"
+    config.data.path = "../shared/data/mnist.npz"
+    config.model.ch = 32
+    config.model.num_res_blocks = 1
+    config.model.dropout = 0.0
+    config.training.batch_size = 64
+    config.training.num_train_steps = 4_000
+    config.training.log_every_steps = 50
+    config.training.checkpoint_every_steps = 500
+    config.training.snapshot_every_steps = 4_000
+    config.training.sample_every_steps = 4_000
+    config.optim.learning_rate = 5e-4
+    config.optim.warmup_steps = 200
+    config.optim.ema_decay = 0.999
+    config.sampling.batch_size = 250
+    config.eval.bpd_batch_size = 50
+    return config
   return config_base.finalize(config, variant)

@@ -15,6 +15,7 @@ Multi-host: on a Cloud TPU VM (one host or a pod slice) and in SLURM jobs of sev
 from __future__ import annotations
 
 import importlib
+import logging as py_logging
 import os
 from typing import Callable
 
@@ -38,7 +39,22 @@ flags.DEFINE_bool("distributed", None,
                   "Call jax.distributed.initialize() without arguments, which finds the "
                   "other processes itself (Cloud TPU pod slices, SLURM). Default: on a "
                   "Cloud TPU VM and in a SLURM job of several tasks.")
+flags.DEFINE_bool("library_info_logs", False,
+                  "Show the INFO lines of orbax (several per checkpoint save); warnings "
+                  "and errors are always shown.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Libraries whose INFO lines drown the training log (orbax logs ~20 per save).
+_CHATTY_LIBRARIES = (f"{os.sep}orbax{os.sep}",)
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+  """Drops INFO and DEBUG records emitted from the files of chatty libraries."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in _CHATTY_LIBRARIES)
 
 
 def available_modes() -> dict[str, Callable]:
@@ -74,6 +90,8 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.library_info_logs:
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.experimental.set_visible_devices([], "GPU")
