@@ -5,10 +5,13 @@ Tests that need one device use `jax.devices()[:1]` explicitly.
 """
 
 import os
+import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# Exactly 8: a device count already in XLA_FLAGS is replaced, so every sharding test
+# really spans 8 devices.
+_flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -14,6 +14,8 @@ import pickle
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+import torch
 from unet_fixtures import DDPM_256
 from unet_fixtures import DDPM_CIFAR10_32
 from unet_fixtures import DDPM_CIFAR10_32_RESAVED
@@ -30,8 +32,6 @@ from diffusion_jax.convert import diffusers_weights
 from diffusion_jax.convert import mismatch
 from diffusion_jax.convert import tf_checkpoint
 
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("tensorflow")
 
 EMA = "/ExponentialMovingAverage"
 

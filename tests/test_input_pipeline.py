@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import shared_data
 import tensorflow_datasets as tfds
 from fake_tfds_records import mock_record_data
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -20,9 +21,7 @@ from diffusion_jax import data_sources
 from diffusion_jax import example_order
 from diffusion_jax import input_pipeline
 
-SHARED = "/work/shared/data"
-if not os.path.isdir(SHARED):
-  SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+SHARED = shared_data.DATA_DIR
 
 
 def data_config(**overrides):

@@ -250,6 +250,7 @@ def test_training_losses_under_jit_vmap_and_8_device_sharding():
   plain = jax.device_get(jax.jit(f)(x0, t, eps))
   # vmap over 2 groups of 8 examples, each group spread over 8 devices.
   mesh = Mesh(np.array(jax.devices()), ("batch",))
+  assert mesh.size == 8
   sharding = NamedSharding(mesh, P(None, "batch"))
   put = lambda a: jax.device_put(a.reshape((2, 8) + a.shape[1:]), sharding)
   out = jax.jit(jax.vmap(f))(put(x0), put(t), put(eps))

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+import shared_data
+import tensorflow as tf
 
 from diffusion_jax.evaluation import resize
-
-tf = pytest.importorskip("tensorflow")
 
 
 def _tf_legacy(x, size=(299, 299)):
@@ -40,9 +40,9 @@ def test_legacy_interpolation_indices():
 
 
 def test_preprocess_grey_mnist_and_rgb_cifar():
-  with np.load("/work/shared/data/mnist.npz") as data:
+  with np.load(shared_data.MNIST) as data:
     grey = data["x_test"][:3]  # [3, 28, 28] uint8
-  with np.load("/work/shared/data/cifar10_train_first4000.npz") as data:
+  with np.load(shared_data.CIFAR) as data:
     rgb = data["x"][:3]  # [3, 32, 32, 3] uint8
   # Grey digits: replicated to RGB (documented convention), then TF's resize.
   ours = np.asarray(resize.preprocess_for_inception(grey))

@@ -159,7 +159,7 @@ def test_group_norm_matches_float64_numpy():
 
 def test_resampling_matches_tensorflow_ops():
   """The official code's own TF ops: conv2d SAME stride 2, avg_pool SAME, resize NEAREST."""
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
   w = (rng.standard_normal((3, 3, 4, 4)) / 6).astype(np.float32)

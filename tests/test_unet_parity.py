@@ -9,8 +9,9 @@ average pooling) and `Upsample2D(use_conv=False)` (nearest x2) layers.
 
 import dataclasses
 
+import diffusers
 import numpy as np
-import pytest
+import torch
 from unet_fixtures import apply_eval
 from unet_fixtures import DDPM_CIFAR10_32
 from unet_fixtures import load_config
@@ -21,11 +22,8 @@ from unet_fixtures import torch_unet
 
 from diffusion_jax import models
 from diffusion_jax.convert import diffusers_weights
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-from diffusers.models.downsampling import Downsample2D  # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusers.models.upsampling import Upsample2D  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.upsampling import Upsample2D
 
 
 def compare(model, unet_config, batch, seed):
