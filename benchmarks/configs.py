@@ -13,6 +13,10 @@ from benchmarks import harness
 from diffusion_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The project's real data files lie in the shared folder beside the checkout.
+SHARED_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
+CIFAR_SUBSET = os.path.join(SHARED_DATA, "cifar10_train_first4000.npz")
+MNIST = os.path.join(SHARED_DATA, "mnist.npz")
 NETWORKS = {"cifar10": "cifar10.py", "mnist": "mnist.py", "256": "celebahq256.py"}
 
 

@@ -39,7 +39,7 @@ from diffusion_jax import schedules
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import resize
 
-CIFAR = "/work/shared/data/cifar10_train_first4000.npz"
+CIFAR = configs.CIFAR_SUBSET
 
 
 class TorchBound:

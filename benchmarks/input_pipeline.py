@@ -32,8 +32,8 @@ from diffusion_jax import data_sources
 from diffusion_jax import input_pipeline
 from diffusion_jax import sharding as sharding_lib
 
-CIFAR = "/work/shared/data/cifar10_train_first4000.npz"
-MNIST = "/work/shared/data/mnist.npz"
+CIFAR = configs.CIFAR_SUBSET
+MNIST = configs.MNIST
 PAPER_STEPS_PER_S = {"cifar10": 21.0, "mnist": 21.0, "256": 2.2}
 
 

@@ -149,6 +149,7 @@ def create_train_iterator(
     seed: int,
     start_step: int = 0,
     sharding: Mesh | NamedSharding,
+    source: data_sources.Source | None = None,
 ) -> Iterator[jax.Array]:
   """Global training batches as jax.Arrays sharded over the batch axis.
 
@@ -162,13 +163,16 @@ def create_train_iterator(
     start_step: the step whose batch comes first (a run resumed at step N passes N).
     sharding: a NamedSharding of the batch (its first dimension), or a Mesh with an
       axis 'data' (then P('data')).
+    source: the train split already opened by `data_sources.load_source` (which checks
+      it); None opens it here.
 
   Returns:
     An infinite iterator of float32 [global_batch_size, S, S, C] jax.Arrays in [-1, 1].
   """
   sharding = as_batch_sharding(sharding)
   check_batch_size(global_batch_size, sharding)
-  source = data_sources.load_source(data_config, data_config.train_split)
+  if source is None:
+    source = data_sources.load_source(data_config, data_config.train_split)
   shape = (global_batch_size, data_config.image_size, data_config.image_size,
            data_config.channels)
   rows = sharding_rows(sharding, shape)

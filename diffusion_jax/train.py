@@ -3,8 +3,9 @@
 Order of work, so that bad settings fail fast and never damage a workdir:
   1. checks that need nothing (config values, batch vs. device count, model config);
   2. the architecture of any checkpoint already in the workdir (read-only);
-  3. restore of the newest readable checkpoint (falling back past unreadable ones);
-  4. the input pipeline at the restored step (dataset, sizes, channels are checked here);
+  3. the training data (dataset, sizes, channels are checked when it is opened);
+  4. restore of the newest readable checkpoint (falling back past unreadable ones, which
+     are moved aside) and the input pipeline at the restored step;
   5. only then config.json, TensorBoard writer, compilation and training.
 
 Checkpoints: every `checkpoint_every_steps` steps and every `checkpoint_every_minutes`
@@ -34,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import checkpointing
+from diffusion_jax import data_sources
 from diffusion_jax import input_pipeline
 from diffusion_jax import optimizer
 from diffusion_jax import run_setup
@@ -137,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh()
   run_setup.validate_config(config, mesh)
   checkpointing.check_architecture(workdir, config)
+  source = data_sources.load_source(config.data, config.data.train_split)
 
   ckpt = None
   state, start_step = None, 0
@@ -147,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("Resuming from the checkpoint at step %d in %s.", start_step, workdir)
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=int(t_cfg.batch_size), seed=int(config.seed),
-      start_step=start_step, sharding=mesh)
+      start_step=start_step, sharding=mesh, source=source)
 
   # The settings and the data are good: from here on the workdir is written.
   if ckpt is None:

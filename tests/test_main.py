@@ -73,6 +73,13 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
   ckpt = checkpointing.Checkpointer(str(used), other, async_save=False)
   ckpt.save(7, {"params": {"w": np.ones(3, np.float32)}})
   ckpt.close()
+  # A workdir holding a checkpoint of the same architecture (a stand-in state that a
+  # restore would reject and move aside): bad data must fail before any restore.
+  same = tmp_path / "same"
+  ckpt = checkpointing.Checkpointer(str(same), training_testlib.digits_smoke(),
+                                    async_save=False)
+  ckpt.save(3, {"params": {"w": np.ones(3, np.float32)}})
+  ckpt.close()
   npz = tmp_path / "images.npz"
   np.savez(npz, x=np.zeros((32, 16, 16, 1), np.uint8))  # 16x16, the config says 8.
   cases = [
@@ -82,15 +89,19 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
       (tmp_path / "d", ["--config.data.dataset=npz", f"--config.data.path={npz}"],
        "16x16 but data.image_size=8"),
       (used, [], "different architecture"),
+      (same, ["--config.data.dataset=imagenet64"], "Unknown dataset"),
+      (same, ["--config.data.dataset=npz", f"--config.data.path={npz}"],
+       "16x16 but data.image_size=8"),
   ]
-  before = _listing(used)
+  before = {used: _listing(used), same: _listing(same)}
   for workdir, overrides, message in cases:
     config = training_testlib.digits_smoke(*overrides)
     with _no_compilation(), pytest.raises(ValueError, match=message):
       train.train_and_evaluate(config, str(workdir))
-    if workdir != used:
+    if workdir in before:
+      assert _listing(workdir) == before[workdir], overrides
+    else:
       assert not workdir.exists() or not os.listdir(workdir), overrides
-  assert _listing(used) == before
 
 
 @pytest.fixture(scope="module")
