@@ -10,6 +10,7 @@ import os
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 import shared_data
 import tensorflow_datasets as tfds
@@ -103,9 +104,23 @@ def test_order_is_uniform_and_flips_are_fair():
 # --- batches are real examples, shuffled per epoch, flipped as configured ------------
 
 
-def test_npz_batches_cover_each_epoch_with_flips(small_npz):
-  path, images = small_npz
-  config = data_config(dataset="npz", path=path, image_size=8, channels=3, random_flip=True)
+@pytest.fixture(scope="module")
+def small_folder(small_npz, tmp_path_factory):
+  """The same 24 images as PNG files (lossless, native size, sorted by name)."""
+  _, images = small_npz
+  root = tmp_path_factory.mktemp("folder")
+  for i, image in enumerate(images):
+    sub = root / ("a" if i < 12 else "b")  # nested folders are read recursively
+    sub.mkdir(exist_ok=True)
+    PIL.Image.fromarray(image).save(sub / f"img_{i:02d}.png")
+  return str(root), images
+
+
+@pytest.mark.parametrize("dataset", ["npz", "folder"])
+def test_array_sources_cover_each_epoch_with_flips(dataset, small_npz, small_folder):
+  path, images = small_npz if dataset == "npz" else small_folder
+  config = data_config(dataset=dataset, path=path, image_size=8, channels=3,
+                       random_flip=True)
   batches = model_batches(input_pipeline.create_train_dataset(
       config, global_batch_size=8, seed=1, process_index=0, process_count=1), 6)
   assert all(b.shape == (8, 8, 8, 3) and b.dtype == np.float32 for b, _ in batches)
@@ -156,13 +171,27 @@ def test_real_npz_batches(file, key, size, channels):
   assert len(set(ids.tolist())) == 128 and np.concatenate(flips).any()
 
 
-def test_digits_batches_match_the_upsampled_digits():
-  config = data_config(dataset="digits", image_size=16, channels=1, random_flip=False)
+@pytest.mark.parametrize("size", [8, 16])
+def test_digits_batches_match_the_digits(size):
+  config = data_config(dataset="digits", image_size=size, channels=1, random_flip=False)
   originals = data_sources.load_source(config, "train").images
+  assert originals.shape == (1797, size, size, 1) and originals.dtype == np.uint8
   batches = model_batches(input_pipeline.create_train_dataset(
       config, global_batch_size=32, seed=0, process_index=0, process_count=1), 2)
+  assert all(b.shape == (32, size, size, 1) for b, _ in batches)
   ids, flips = zip(*(identify(b, originals) for b, _ in batches))
   assert not np.concatenate(flips).any() and len(set(np.concatenate(ids).tolist())) == 64
+  config.random_flip = True  # same examples in the same order, some mirrored
+  flipped = model_batches(input_pipeline.create_train_dataset(
+      config, global_batch_size=32, seed=0, process_index=0, process_count=1), 2)
+  ids_f, flips_f = zip(*(identify(b, originals) for b, _ in flipped))
+  flips_f = np.concatenate(flips_f)
+  symmetric = np.array([np.array_equal(originals[i], originals[i][:, ::-1])
+                        for i in np.concatenate(ids_f)])
+  np.testing.assert_array_equal(flips_f | symmetric,
+                                np.concatenate([f for _, f in flipped]) | symmetric)
+  np.testing.assert_array_equal(np.concatenate(ids_f), np.concatenate(ids))
+  assert 10 <= flips_f.sum() <= 54
 
 
 # --- determinism, resume, processes -------------------------------------------------
