@@ -4,8 +4,9 @@
 #   PROJECT=my-project ZONE=europe-west4-a BUCKET=gs://my-bucket bash launch/tpu_vm.sh
 #
 # Steps: create the VM, copy this repository to it, install, start training in the
-# background (nohup; the log goes to ~/train.log on the VM). Rerun only the last step to
-# resume after a preemption (the workdir in the bucket keeps the checkpoints).
+# background (nohup; the log goes to ~/train.log on the VM). After a preemption rerun the
+# same command: it creates the VM only if it is missing, reinstalls, and training resumes
+# from the newest checkpoint in the bucket's workdir.
 # Needs the gcloud CLI, authenticated, with the TPU API enabled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
