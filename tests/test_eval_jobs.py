@@ -90,6 +90,18 @@ def test_sampling_sharded_resumed_equals_one_device(workdir, tmp_path, monkeypat
   assert sorted(os.listdir(resumed_dir)) == sorted(os.listdir(summary["directory"]))
   np.testing.assert_array_equal(sample_job.load_samples(resumed_dir), full)
 
+  # A smaller set (its last shard short), then the full number: the short shard is
+  # completed, and the set equals the uninterrupted one.
+  grown = str(tmp_path / "grown")
+  shutil.copytree(os.path.join(path, checkpointing.CHECKPOINT_DIR),
+                  os.path.join(grown, checkpointing.CHECKPOINT_DIR))
+  config.sampling.num_samples = 7
+  np.testing.assert_array_equal(sample_job.load_samples(
+      sample_job.generate_samples(config, grown)["directory"]), full[:7])
+  config.sampling.num_samples = 12
+  grown_dir = sample_job.generate_samples(config, grown)["directory"]
+  np.testing.assert_array_equal(sample_job.load_samples(grown_dir), full)
+
   # Partial results of other settings are never mixed in.
   config.sampling.shard_size = 6
   with pytest.raises(ValueError, match="shard_size"):

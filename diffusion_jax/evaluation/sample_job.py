@@ -9,7 +9,8 @@ that key (see `randomness`), whatever batch or device computes it. Shard k holds
 [k * shard_size, (k + 1) * shard_size) as `samples/<tag>/shard_<k>.npz` (`images` uint8
 [n, H, W, C] = round((x + 1) * 127.5) clipped, and `indices`); a shard is written
 atomically once complete, so a killed job resumes at the first missing shard and the final
-set is identical to an uninterrupted one. The batch (`sampling.batch_size`, global) is
+set is identical to an uninterrupted one; asking for more samples later completes a short
+last shard and adds new ones. The batch (`sampling.batch_size`, global) is
 sharded over all devices and hosts; a shard's last batch is padded with the following
 indices (computed and dropped), so every call has one compiled shape.
 """
@@ -112,18 +113,22 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   start, made = time.time(), 0
   for k in range(num_shards):
     path = shard_path(directory, k)
-    if os.path.exists(path):
-      continue
     lo, hi = k * shard_size, min((k + 1) * shard_size, num)
+    kept = _read_shard(path)  # A last shard of an earlier, smaller set may be short.
+    if kept is not None and kept.shape[0] >= hi - lo:
+      continue
+    start_index = lo if kept is None else lo + kept.shape[0]
     images = []
-    for first in range(lo, hi, batch):
+    for first in range(start_index, hi, batch):
       indices = np.arange(first, first + batch, dtype=np.int32)
       out = sample_fn(eval_model.params, put_indices(indices, eval_model.mesh))
       images.append(np.asarray(out.addressable_data(0))[:hi - first])
-    images = sample_grid.to_uint8(np.concatenate(images)[:hi - lo])
+    images = sample_grid.to_uint8(np.concatenate(images)[:hi - start_index])
+    if kept is not None:
+      images = np.concatenate([kept, images])
     if results.is_writer():
       results.save_npz_atomic(path, images=images, indices=np.arange(lo, hi, dtype=np.int64))
-    made += hi - lo
+    made += hi - start_index
     logging.info("samples: shard %d/%d written, %.3f samples/s", k + 1, num_shards,
                  made / max(time.time() - start, 1e-9))
   if jax.process_count() > 1:
@@ -137,6 +142,14 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
       workdir, f"samples_{sample_tag(config, eval_model.step).split('_', 1)[1]}",
       eval_model.step, summary)
   return summary
+
+
+def _read_shard(path: str) -> np.ndarray | None:
+  """The images of a written shard, or None if it does not exist."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as data:
+    return data["images"]
 
 
 def shard_path(directory: str, k: int) -> str:
