@@ -396,3 +396,15 @@ def test_import_and_export_commands_round_trip(small_weights, tmp_path):
   params, step = checkpointing.load_eval_params(second, config)
   assert step == 0
   assert_trees_equal(jax.device_get(params), ema)
+
+
+@pytest.mark.parametrize("config_file", ["cifar10.py", "celebahq256.py"])
+def test_official_names_and_shapes_of_the_paper_models(config_file):
+  """Our parameters <-> the official graph's variables, for the paper's two networks
+  (shapes only, through jax.eval_shape: nothing is allocated or compiled)."""
+  c = models.unet_config_from(load_config(config_file))
+  official = dict(official_variables(c.ch, c.ch_mult, c.num_res_blocks, c.attn_resolutions,
+                                     c.in_channels, c.out_channels, c.image_size))
+  ours = {name: shape for name, shape in tf_checkpoint.tf_variables(c).values()}
+  assert ours == official
+  assert sum(int(np.prod(s)) for s in official.values()) == models.count_params(c)
