@@ -40,6 +40,15 @@ def betas(name, T, b0=1e-4, b1=0.02):
   return np.array(out)
 
 
+def _log(v):
+  """log with IEEE limits: log(0) = -inf (jsd's last alpha-bar is exactly 0)."""
+  return math.log(v) if v > 0 else -math.inf
+
+
+def _recip_sqrt(v):
+  return 1 / math.sqrt(v) if v > 0 else math.inf
+
+
 def coefficients(beta):
   """Every schedule coefficient from the betas, via scalar loops."""
   T = len(beta)
@@ -62,12 +71,12 @@ def coefficients(beta):
     c["alphas"].append(1 - b)
     c["alphas_cumprod"].append(a)
     c["alphas_cumprod_prev"].append(ap)
-    c["log_alphas_cumprod"].append(math.log(a))
+    c["log_alphas_cumprod"].append(_log(a))
     c["sqrt_alphas_cumprod"].append(math.sqrt(a))
     c["sqrt_one_minus_alphas_cumprod"].append(math.sqrt(1 - a))
     c["log_one_minus_alphas_cumprod"].append(math.log(1 - a))
-    c["sqrt_recip_alphas_cumprod"].append(1 / math.sqrt(a))
-    c["sqrt_recipm1_alphas_cumprod"].append(math.sqrt((1 - a) / a))
+    c["sqrt_recip_alphas_cumprod"].append(_recip_sqrt(a))
+    c["sqrt_recipm1_alphas_cumprod"].append(math.sqrt(1 - a) * _recip_sqrt(a))
     c["posterior_variance"].append(pv[i])
     c["posterior_log_variance_clipped"].append(math.log(pv[max(i, 1)]))
     c["posterior_mean_coef1"].append(math.sqrt(ap) * b / (1 - a))
