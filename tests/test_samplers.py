@@ -235,6 +235,9 @@ def test_float32_path():
                            True)
   # Each step rounds at a few u of the O(1) state; the chain does not amplify it.
   np.testing.assert_allclose(out["ancestral"], expected, rtol=0, atol=T * 16 * ref.U32)
+  expected = ref.ddim(coefs(), np_model("learned_range"), z[T], z, [0, 5, 10, 20], 0.7, "v",
+                      "learned_range", True)
+  np.testing.assert_allclose(out["ddim"], expected, rtol=0, atol=4 * 16 * ref.U32)
 
 
 def test_samplers_under_jit_vmap_and_8_device_sharding():
