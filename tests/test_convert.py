@@ -396,6 +396,15 @@ def test_import_and_export_commands_round_trip(small_weights, tmp_path):
   params, step = checkpointing.load_eval_params(second, config)
   assert step == 0
   assert_trees_equal(jax.device_get(params), ema)
+  # And the export command on that workdir (its saved config).
+  third = str(tmp_path / "exported_again")
+  result = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.tools.export_diffusers", f"--workdir={second}",
+       f"--out={third}"],
+      cwd=root, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_trees_equal(diffusers_weights.load_diffusers(third, SMALL)[0], ema)
 
 
 @pytest.mark.parametrize("config_file", ["cifar10.py", "celebahq256.py"])
