@@ -34,6 +34,7 @@ import numpy as np
 
 from diffusion_jax import bound
 from diffusion_jax import input_pipeline
+from diffusion_jax import progress
 from diffusion_jax import sharding
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
@@ -113,7 +114,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
               **_bpd_settings(config)}
   results.check_manifest(directory, manifest)
   step_fn = make_bpd_step(eval_model, config, global_batch)
-  start, done = time.time(), 0
+  start, done, done_batches = time.time(), 0, 0
   for k, (images, mask) in enumerate(iterator):
     path = os.path.join(directory, f"batch_{k:06d}.npz")
     if os.path.exists(path):
@@ -127,9 +128,12 @@ def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
                               mse_sum=out["mse_sum"].astype(np.float64),
                               count=np.int64(count))
     done += count
-    logging.info("bits/dim %s: batch %d/%d, %.2f images/s, running total %.4f", split,
-                 k + 1, iterator.num_batches, done / max(time.time() - start, 1e-9),
-                 float(np.mean(out["total_bpd"][:count])))
+    done_batches += 1
+    elapsed = time.time() - start
+    logging.info("bits/dim %s: batch %d/%d, %.2f images/s, this batch %.4f bits/dim, %s",
+                 split, k + 1, iterator.num_batches, done / max(elapsed, 1e-9),
+                 float(np.mean(out["total_bpd"][:count])),
+                 progress.time_left(done_batches, iterator.num_batches - k - 1, elapsed))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("bpd_chunks_written")

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from diffusion_jax import progress
 from diffusion_jax import run_setup
 from diffusion_jax import sample_grid
 from diffusion_jax import samplers
@@ -129,8 +130,9 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     if results.is_writer():
       results.save_npz_atomic(path, images=images, indices=np.arange(lo, hi, dtype=np.int64))
     made += hi - start_index
-    logging.info("samples: shard %d/%d written, %.3f samples/s", k + 1, num_shards,
-                 made / max(time.time() - start, 1e-9))
+    elapsed = time.time() - start
+    logging.info("samples: shard %d/%d written, %.3f samples/s, %s", k + 1, num_shards,
+                 made / max(elapsed, 1e-9), progress.time_left(made, num - hi, elapsed))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("sample_shards_written")
