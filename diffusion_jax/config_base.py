@@ -88,6 +88,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.num_steps = 1000  # DDIM: number of steps of the subsequence.
   sampling.eta = 0.0  # DDIM eta (1.0 reproduces ancestral sampling with fixedsmall).
   sampling.clip_denoised = True
+  # DDIM: re-derive eps from the clipped x_0 (diffusers' use_clipped_model_output); with
+  # eta = 1 this is the paper's ancestral step (fixedsmall) over the subsequence.
+  sampling.eps_from_clipped_x0 = False
   sampling.num_samples = 50_000
   sampling.batch_size = 256  # Global batch for sampling jobs.
   sampling.shard_size = 1_000  # Images per written shard.

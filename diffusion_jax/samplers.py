@@ -211,15 +211,22 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
 def ddim_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
                 shape: Sequence[int], *, timesteps: Sequence[int] | None = None,
                 eta: float = 0.0, model_mean_type: str = "eps",
-                model_var_type: str = "fixedlarge", clip_denoised: bool = True) -> jax.Array:
+                model_var_type: str = "fixedlarge", clip_denoised: bool = True,
+                eps_from_clipped_x0: bool = False) -> jax.Array:
   """DDIM (Song et al. 2021) over an increasing subsequence tau of the timesteps.
 
   Each step goes from tau_i to tau_{i-1} (to x_0 after tau_0):
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev),
-  with eps_hat re-derived from the (clipped) x0_hat and z from fold_in(keys[b], tau_i).
-  eta = 0 is deterministic; eta = 1 over all T steps is ancestral sampling with the
-  posterior variance ("fixedsmall"). A learned variance output is ignored.
+  with z from fold_in(keys[b], tau_i). With `clip_denoised`, x0_hat is clipped to
+  [-1, 1]; eps_hat is the model's own prediction (derived from the unclipped x_0 for the
+  other parameterizations), as diffusers' DDIMScheduler does by default, or, with
+  `eps_from_clipped_x0`, re-derived from the clipped x0_hat (diffusers'
+  `use_clipped_model_output`). The default is the robust one: a re-derived eps carries
+  the clipped-off excess forward as noise, which leaves visible noise in the samples of
+  an imperfect network. eta = 0 is deterministic; eta = 1 over all T steps is ancestral
+  sampling with the posterior variance ("fixedsmall") when nothing is clipped, or with
+  `eps_from_clipped_x0`. A learned variance output is ignored.
 
   Args:
     model_fn, schedule, keys, shape, model_mean_type, model_var_type, clip_denoised:
@@ -227,6 +234,7 @@ def ddim_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
     timesteps: the subsequence tau (strictly increasing ints in [0, T)), e.g. from
       `ddim_timesteps`; None means all T timesteps.
     eta: the stochasticity (a float or a float scalar array).
+    eps_from_clipped_x0: re-derive eps_hat from the clipped x0_hat (see above).
 
   Returns:
     [B, H, W, C] samples in the schedule's dtype.
@@ -252,7 +260,9 @@ def ddim_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
     mean_output, _ = diffusion.split_model_output(model_fn(x, t_b), x, model_var_type)
     x0, eps = diffusion.predict_xstart_and_eps(
         schedule, mean_output, x, t_b, model_mean_type=model_mean_type,
-        clip_denoised=clip_denoised)
+        clip_denoised=clip_denoised and eps_from_clipped_x0)
+    if clip_denoised and not eps_from_clipped_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
     has_prev = t_prev >= 0
     t_prev_c = jnp.maximum(t_prev, 0)
     log_abar_prev = jnp.where(has_prev, log_abar[t_prev_c], 0.0)

@@ -250,8 +250,13 @@ def ancestral(c, model, x_T, noises, mean_type, var_type, clip, t_start=None, t_
   return (x, records) if record_every else x
 
 
-def ddim(c, model, x_T, noises, seq, eta, mean_type, var_type, clip):
-  """Song et al. (2021) Eq. 12 over the increasing subsequence seq."""
+def ddim(c, model, x_T, noises, seq, eta, mean_type, var_type, clip,
+         eps_from_clipped=False):
+  """Song et al. (2021) Eq. 12 over the increasing subsequence seq.
+
+  x0 is clipped when `clip`; eps is that of the unclipped prediction (diffusers'
+  DDIMScheduler default) or, with `eps_from_clipped`, of the clipped x0.
+  """
   x = x_T
   abar = c["alphas_cumprod"]
   for j in range(len(seq) - 1, -1, -1):
@@ -259,8 +264,9 @@ def ddim(c, model, x_T, noises, seq, eta, mean_type, var_type, clip):
     ap = abar[seq[j - 1]] if j > 0 else 1.0
     tb = np.full(x.shape[0], t)
     out = model(x, tb)
-    _, _, x0 = p_mean_var(c, out, x, tb, mean_type, var_type, clip)
-    eps = eps_from_x0(c, x, tb, x0)
+    _, _, x0_raw = p_mean_var(c, out, x, tb, mean_type, var_type, False)
+    x0 = np.clip(x0_raw, -1.0, 1.0) if clip else x0_raw
+    eps = eps_from_x0(c, x, tb, x0 if eps_from_clipped else x0_raw)
     sigma = eta * math.sqrt((1 - ap) / (1 - abar[t]) * (1 - abar[t] / ap))
     x = math.sqrt(ap) * x0 + math.sqrt(max(1 - ap - sigma**2, 0.0)) * eps
     if eta:

@@ -70,9 +70,11 @@ def sched(dtype):
 KEYS = jax.random.split(jax.random.key(42), B)
 ANCESTRAL = [("eps", "fixedlarge", True), ("x_start", "fixedsmall", False),
              ("v", "learned_range", True), ("mean", "learned", False)]
-DDIM = [("eps", "fixedlarge", True, 0.0, [0, 4, 9, 17, 29]),
-        ("v", "learned_range", False, 0.5, [2, 3, 11, 20, 27]),
-        ("mean", "fixedsmall", True, 1.0, list(range(0, T, 3)))]
+# (mean type, variance type, clip, eta, timesteps, eps from the clipped x0)
+DDIM = [("eps", "fixedlarge", True, 0.0, [0, 4, 9, 17, 29], False),
+        ("v", "learned_range", False, 0.5, [2, 3, 11, 20, 27], False),
+        ("mean", "fixedsmall", True, 1.0, list(range(0, T, 3)), True),
+        ("x_start", "fixedsmall", True, 0.3, [1, 8, 15, 22, 29], False)]
 EVERY, T_SPLIT, NUM_COMPLETIONS, T_INTERP = 7, 12, 3, 17
 LAMBDAS = np.array([0.0, 0.25, 1.0])
 X_A, X_B = np.random.default_rng(0).uniform(-1, 1, (2, B) + SHAPE)
@@ -89,10 +91,11 @@ def float64_runs():
       out[f"ancestral{i}"] = samplers.ancestral_sample(
           jnp_model(var_type), s, keys, SHAPE, model_mean_type=mean_type,
           model_var_type=var_type, clip_denoised=clip)
-    for i, (mean_type, var_type, clip, eta, seq) in enumerate(DDIM):
+    for i, (mean_type, var_type, clip, eta, seq, from_clipped) in enumerate(DDIM):
       out[f"ddim{i}"] = samplers.ddim_sample(
           jnp_model(var_type), s, keys, SHAPE, timesteps=seq, eta=eta,
-          model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip)
+          model_mean_type=mean_type, model_var_type=var_type, clip_denoised=clip,
+          eps_from_clipped_x0=from_clipped)
     out["progressive"] = samplers.progressive_sample(jnp_model("fixedlarge"), s, keys, SHAPE,
                                                      every=EVERY)
     out["completions"] = samplers.sample_completions(
@@ -118,12 +121,12 @@ def test_ancestral_matches_reference_float64(i):
 
 @pytest.mark.parametrize("i", range(len(DDIM)))
 def test_ddim_matches_reference_float64(i):
-  mean_type, var_type, clip, eta, seq = DDIM[i]
+  mean_type, var_type, clip, eta, seq, from_clipped = DDIM[i]
   runs, z = float64_runs()
   out = runs[f"ddim{i}"]
   assert out.dtype == np.float64
   expected = ref.ddim(coefs(), np_model(var_type), z[T], z, seq, eta, mean_type, var_type,
-                      clip)
+                      clip, from_clipped)
   assert rel_err(out, expected) <= 1e-10
 
 
@@ -181,7 +184,8 @@ def test_interpolation_through_shared_noise():
 @pytest.mark.parametrize("dtype,tol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])
 def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall(dtype, tol):
   """The same noise (fold_in(keys[b], t)) makes the two samplers agree up to rounding
-  (in float32: 1000 steps of rounding, a few u each)."""
+  (in float32: 1000 steps of rounding, a few u each). With clipping, eps must come from
+  the clipped x_0, as in the posterior mean of ancestral sampling."""
   keys = KEYS[:4]
   kw = dict(model_mean_type="eps", model_var_type="fixedsmall", clip_denoised=True)
   with jax.enable_x64(dtype == jnp.float64):
@@ -189,9 +193,11 @@ def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall(dtype, tol):
 
     def run(k):
       model = jnp_model("fixedsmall")
-      return (samplers.ddim_sample(model, s1000, k, SHAPE, eta=1.0, **kw),
+      return (samplers.ddim_sample(model, s1000, k, SHAPE, eta=1.0, eps_from_clipped_x0=True,
+                                   **kw),
               samplers.ancestral_sample(model, s1000, k, SHAPE, **kw),
-              samplers.ddim_sample(model, s1000, k, SHAPE, eta=0.0, **kw))
+              samplers.ddim_sample(model, s1000, k, SHAPE, eta=0.0, eps_from_clipped_x0=True,
+                                   **kw))
 
     ddim, ancestral, ddim0 = jax.jit(run)(keys)
     assert ddim.dtype == dtype

@@ -48,7 +48,8 @@ def sampler_settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
               "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
               "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type}
   if s.sampler == "ddim":
-    settings.update(num_steps=int(s.num_steps), eta=float(s.eta))
+    settings.update(num_steps=int(s.num_steps), eta=float(s.eta),
+                    eps_from_clipped_x0=bool(s.get("eps_from_clipped_x0", False)))
   return settings
 
 
@@ -57,6 +58,8 @@ def sample_tag(config: ml_collections.ConfigDict, step: int) -> str:
   s = sampler_settings(config)
   name = (f"ddim{s['num_steps']}_eta{s['eta']}" if s["sampler"] == "ddim"
           else f"ancestral{s['num_timesteps']}")
+  if s.get("eps_from_clipped_x0"):
+    name += "_clippedeps"
   return f"step{step}_{name}_seed{s['seed']}"
 
 
@@ -79,7 +82,8 @@ def make_sample_fn(eval_model: restore.EvalModel, config: ml_collections.ConfigD
     model_fn = eval_model.model_fn(params)
     if timesteps is not None:
       return samplers.ddim_sample(model_fn, eval_model.schedule, keys, shape,
-                                  timesteps=timesteps, eta=float(s.eta), **kwargs)
+                                  timesteps=timesteps, eta=float(s.eta),
+                                  eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **kwargs)
     return samplers.ancestral_sample(model_fn, eval_model.schedule, keys, shape, **kwargs)
 
   mesh = eval_model.mesh
