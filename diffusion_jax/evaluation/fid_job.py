@@ -34,6 +34,9 @@ from diffusion_jax.evaluation import results
 from diffusion_jax.evaluation import sample_job
 
 
+_IS_SPLITS = 10  # As the OpenAI Inception Score code.
+
+
 def _check_inputs(config: ml_collections.ConfigDict) -> str:
   """Fails before any sampling when the Inception weights or the reference are missing."""
   weights = config.eval.inception_weights
@@ -106,9 +109,13 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
       **samples, "fid": fid.frechet_distance(mu, sigma, ref_mu, ref_sigma,
                                              method=config.eval.get("fid_method", "sqrtm")),
       "fid_reference": reference, "inception_weights": inception_source}
-  if "logits" in out:
+  if "logits" in out and num >= _IS_SPLITS:
     summary["inception_score"], summary["inception_score_std"] = (
-        inception_score.inception_score_from_outputs(out, splits=10))
+        inception_score.inception_score_from_outputs(out, splits=_IS_SPLITS))
+  elif "logits" in out:
+    summary["inception_score"] = None
+    summary["inception_score_note"] = (f"the Inception Score is computed over {_IS_SPLITS} "
+                                       f"splits and needs at least {_IS_SPLITS} samples")
   else:
     summary["inception_score"] = None
     summary["inception_score_note"] = ("the Inception weights have no 1008-way classifier; "
