@@ -83,7 +83,8 @@ def make_sample_fn(eval_model: restore.EvalModel, config: ml_collections.ConfigD
     if timesteps is not None:
       return samplers.ddim_sample(model_fn, eval_model.schedule, keys, shape,
                                   timesteps=timesteps, eta=float(s.eta),
-                                  eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **kwargs)
+                                  eps_from_clipped_x0=bool(s.get("eps_from_clipped_x0", False)),
+                                  **kwargs)
     return samplers.ancestral_sample(model_fn, eval_model.schedule, keys, shape, **kwargs)
 
   mesh = eval_model.mesh
