@@ -15,9 +15,9 @@ Sizes. LSUN images have varying sizes (the shorter side is 256): as in the offic
 preparation (StyleGAN's dataset tool: center crop to the shorter side, then PIL's
 ANTIALIAS resize to 256) every image is center-cropped to a square and resized to
 `data.image_size`. The same happens to every `folder` image and to the 8x8 digits (the
-quickstart trains at their native 8x8, where this is the identity). Other sources have a fixed size: if it differs from
-`data.image_size`, `data.resize=True` center-crops and resizes them; otherwise it is an
-error. Resizing is antialiased Lanczos-3 when downsampling (`tf.image.resize`; it agrees
+quickstart trains at their native 8x8, where this is the identity). Other sources have a
+fixed size: if it differs from `data.image_size`, `data.resize=True` center-crops and
+resizes them; otherwise it is an error. Resizing is antialiased Lanczos-3 when downsampling (`tf.image.resize`; it agrees
 with PIL's LANCZOS/ANTIALIAS to within a few levels) and bilinear interpolation with
 half-pixel centers when upsampling (no ringing); the result is rounded (half to even)
 and clipped to uint8, so the data stay on the 256-level grid that the discretized

@@ -107,8 +107,7 @@ def make_grid_sampler(model, schedule, config, mesh, num_images: int):
       timesteps = samplers.ddim_timesteps(int(d.num_timesteps), int(s.num_steps))
       return samplers.ddim_sample(model_fn, schedule, keys, shape, timesteps=timesteps,
                                   eta=float(s.eta),
-                                  eps_from_clipped_x0=bool(s.get("eps_from_clipped_x0", False)),
-                                  **kwargs)
+                                  eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **kwargs)
     return samplers.ancestral_sample(model_fn, schedule, keys, shape, **kwargs)
 
   return jax.jit(sample, in_shardings=(sharding.replicated(mesh),),

@@ -49,7 +49,7 @@ def sampler_settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
               "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type}
   if s.sampler == "ddim":
     settings.update(num_steps=int(s.num_steps), eta=float(s.eta),
-                    eps_from_clipped_x0=bool(s.get("eps_from_clipped_x0", False)))
+                    eps_from_clipped_x0=bool(s.eps_from_clipped_x0))
   return settings
 
 
@@ -83,8 +83,7 @@ def make_sample_fn(eval_model: restore.EvalModel, config: ml_collections.ConfigD
     if timesteps is not None:
       return samplers.ddim_sample(model_fn, eval_model.schedule, keys, shape,
                                   timesteps=timesteps, eta=float(s.eta),
-                                  eps_from_clipped_x0=bool(s.get("eps_from_clipped_x0", False)),
-                                  **kwargs)
+                                  eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **kwargs)
     return samplers.ancestral_sample(model_fn, eval_model.schedule, keys, shape, **kwargs)
 
   mesh = eval_model.mesh
