@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import time
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 
 from benchmarks import configs
 from benchmarks import harness
+from diffusion_jax import compiler_options
 from diffusion_jax import models
 from diffusion_jax.models import conv
 
@@ -71,11 +73,13 @@ def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
   kernel = jnp.asarray(rng.standard_normal((3, 3, x_shape[-1], cout)) * 0.05, jnp.float32)
   out_hw = tuple(-(-s // stride) for s in x_shape[1:3])
   g = jnp.asarray(rng.standard_normal((x_shape[0],) + out_hw + (cout,)), jnp.float32)
-  forward = jax.jit(lambda x, w: conv.conv3x3(x, w, stride))
+  jit = functools.partial(jax.jit, compiler_options=compiler_options.for_platform(
+      jax.default_backend()))
+  forward = jit(lambda x, w: conv.conv3x3(x, w, stride))
   x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
-  input_grad = jax.jit(lambda w, g: conv._input_grad(w, g, stride, x_aval))  # pylint: disable=protected-access
-  grad_matmul = jax.jit(lambda x, g: conv.kernel_grad_matmul(x, g, stride))
-  grad_xla = jax.jit(lambda x, g: conv.kernel_grad_xla(x, g, stride, kernel.shape))
+  input_grad = jit(lambda w, g: conv._input_grad(w, g, stride, x_aval))  # pylint: disable=protected-access
+  grad_matmul = jit(lambda x, g: conv.kernel_grad_matmul(x, g, stride))
+  grad_xla = jit(lambda x, g: conv.kernel_grad_xla(x, g, stride, kernel.shape))
   fns = {"forward": lambda: forward(x, kernel), "input grad": lambda: input_grad(kernel, g),
          "kernel grad (matmul)": lambda: grad_matmul(x, g),
          "kernel grad (xla)": lambda: grad_xla(x, g)}

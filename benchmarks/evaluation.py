@@ -18,6 +18,7 @@ the peer is that TorchScript network run by PyTorch on the same resized 299x299 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -33,6 +34,7 @@ from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
 from diffusion_jax import bound
+from diffusion_jax import compiler_options
 from diffusion_jax import models
 from diffusion_jax import run_setup
 from diffusion_jax import schedules
@@ -122,7 +124,8 @@ def bpd_row(args, torch, peaks):
   images = jnp.asarray(images, jnp.float32)
   keys = jax.random.split(jax.random.key(0), args.bpd_batch)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options.for_platform(
+      jax.default_backend()))
   def ours(params, x, keys):
     model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
     return bound.calc_bpd(model_fn, schedule, x, keys, model_mean_type=d.model_mean_type,

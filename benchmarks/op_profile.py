@@ -2,7 +2,7 @@
 
   python -m benchmarks.op_profile --what train_step --batch 8     # CIFAR10 network
   python -m benchmarks.op_profile --what forward --batch 16
-  python -m benchmarks.op_profile --what train_step --kernel_grad xla --batch 32
+  python -m benchmarks.op_profile --what train_step --kernel_grad matmul --batch 32
 
 XLA:CPU records one trace event per executed operation (thunk), named after the HLO
 instruction. The events are joined with the optimized HLO's `op_name` metadata (the JAX
@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import train_step as train_step_bench
+from diffusion_jax import compiler_options
 from diffusion_jax import run_setup
 from diffusion_jax import sharding
 from diffusion_jax.models import conv
@@ -129,7 +130,8 @@ def build(what: str, network: str, batch: int):
   _, model = run_setup.build_model(config)
   params = run_setup.init_train_state(config, mesh).params
   t = jax.numpy.arange(batch, dtype=jax.numpy.int32) * 7 % 1000
-  fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+  fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
+               compiler_options=compiler_options.for_platform(jax.default_backend()))
   return fn, (params, images, t)
 
 
@@ -141,7 +143,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--runs", type=int, default=2)
   parser.add_argument("--top", type=int, default=20)
-  parser.add_argument("--kernel_grad", default="auto", choices=["auto", "matmul", "xla"])
+  parser.add_argument("--kernel_grad", default="xla", choices=["xla", "matmul"])
   args = parser.parse_args(argv)
   load_before = harness.load_average()
   with conv.kernel_gradient(args.kernel_grad):

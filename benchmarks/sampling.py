@@ -25,6 +25,7 @@ from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
+from diffusion_jax import compiler_options
 from diffusion_jax import models
 from diffusion_jax import randomness
 from diffusion_jax import run_setup
@@ -53,7 +54,8 @@ def make_sampler(config, kind: str, steps: int):
     x_t = randomness.per_example_normal(keys, num_timesteps, shape, schedule.dtype)
     return samplers.denoise_from(model_fn, schedule, x_t, steps - 1, keys, **kwargs)
 
-  return jax.jit(sample)
+  return jax.jit(sample, compiler_options=compiler_options.for_platform(
+      jax.default_backend()))
 
 
 def measure(config, kind: str, steps: int, batch: int, repeats: int, torch, params,

@@ -87,6 +87,7 @@ def make_grid_sampler(model, schedule, config, mesh, num_images: int):
   """
   # Imported here so that the PNG helpers above need no JAX/Flax model code.
   import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import compiler_options  # pylint: disable=g-import-not-at-top
   from diffusion_jax import run_setup  # pylint: disable=g-import-not-at-top
   from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top
   from diffusion_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -111,4 +112,5 @@ def make_grid_sampler(model, schedule, config, mesh, num_images: int):
     return samplers.ancestral_sample(model_fn, schedule, keys, shape, **kwargs)
 
   return jax.jit(sample, in_shardings=(sharding.replicated(mesh),),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=compiler_options.for_mesh(mesh))

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import bound
+from diffusion_jax import compiler_options
 from diffusion_jax import input_pipeline
 from diffusion_jax import progress
 from diffusion_jax import sharding
@@ -75,7 +76,8 @@ def make_bpd_step(eval_model: restore.EvalModel, config: ml_collections.ConfigDi
     result["count"] = jnp.sum(weight)
     return result
 
-  return jax.jit(step, out_shardings=sharding.replicated(eval_model.mesh))
+  return jax.jit(step, out_shardings=sharding.replicated(eval_model.mesh),
+                 compiler_options=compiler_options.for_mesh(eval_model.mesh))
 
 
 def _host(x: jax.Array) -> np.ndarray:

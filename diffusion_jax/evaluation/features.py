@@ -19,6 +19,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from diffusion_jax import compiler_options
 from diffusion_jax.evaluation import inception
 from diffusion_jax.evaluation import inception_weights
 from diffusion_jax.evaluation import resize
@@ -77,7 +78,8 @@ class InceptionFeatures:
       return model.apply({"params": p}, resize.preprocess_for_inception(images))
 
     self._forward = jax.jit(forward, in_shardings=(replicated, self._batch_sharding),
-                            out_shardings=replicated)
+                            out_shardings=replicated,
+                            compiler_options=compiler_options.for_mesh(self.mesh))
 
   @classmethod
   def from_file(cls, path: str, with_logits: Optional[bool] = None,

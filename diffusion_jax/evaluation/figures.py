@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffusion_jax import compiler_options
 from diffusion_jax import input_pipeline
 from diffusion_jax import sample_grid
 from diffusion_jax import samplers
@@ -48,7 +49,8 @@ def _settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 
 def _replicated_jit(fn, mesh):
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh),
+                 compiler_options=compiler_options.for_mesh(mesh))
 
 
 def _host(tree):

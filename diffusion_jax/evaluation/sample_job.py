@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from diffusion_jax import compiler_options
 from diffusion_jax import progress
 from diffusion_jax import run_setup
 from diffusion_jax import sample_grid
@@ -89,7 +90,8 @@ def make_sample_fn(eval_model: restore.EvalModel, config: ml_collections.ConfigD
   mesh = eval_model.mesh
   return jax.jit(sample, in_shardings=(sharding.replicated(mesh),
                                        sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=compiler_options.for_mesh(mesh))
 
 
 def put_indices(indices: np.ndarray, mesh) -> jax.Array:

@@ -1,20 +1,25 @@
-"""The U-Net's 3x3 convolution (TF "SAME" padding) with a kernel gradient fast on CPU.
+"""The U-Net's 3x3 convolution (TF "SAME" padding), with a choice of kernel gradient.
 
-XLA:CPU differentiates a convolution with respect to its kernel as another convolution
-whose window is the whole feature map; on a 32x32 map with 128 channels that runs at a few
-GFLOP/s, and it dominated the train step (benchmarks/RESULTS.md). The kernel gradient of
-a 3x3 convolution is nine matrix products instead:
+`conv3x3` is `lax.conv_general_dilated` with TF "SAME" padding. Its kernel gradient comes
+in two forms, chosen by `kernel_grad` or the enclosing `kernel_gradient` context:
 
-  dW[i, j] = sum_{b, h, w} x_pad[b, s h + i, s w + j, :]^T  g[b, h, w, :]    # [Cin, Cout]
+- "xla" (the default): JAX's own derivative, which XLA computes as another convolution
+  whose window is the whole feature map. With the project's CPU compiler options
+  (`diffusion_jax.compiler_options`: XLA's own CPU convolutions instead of YNNPACK's) it
+  runs at convolution speed on CPU, and GPU and TPU compile it well.
+- "matmul": a `jax.custom_vjp` whose kernel gradient is nine shifted matrix products,
 
-which run at matmul speed. `conv3x3` is the plain `lax.conv_general_dilated` forward with a
-`jax.custom_vjp` whose input gradient is XLA's own (the transposed convolution) and whose
-kernel gradient is chosen per platform when the program is lowered: the nine products on
-CPU, XLA's convolution elsewhere (GPU and TPU compile it well). Forward values and both
-gradients equal those of `lax.conv_general_dilated` up to the order of the sums.
+    dW[i, j] = sum_{b, h, w} x_pad[b, s h + i, s w + j, :]^T  g[b, h, w, :]    # [Cin, Cout]
 
-Being a custom VJP, `conv3x3` supports reverse-mode differentiation (grad, vjp, also
-nested and under vmap) but not forward-mode (jvp, jacfwd).
+  and whose input gradient is XLA's transposed convolution. It was the faster form on CPU
+  while XLA:CPU ran every convolution through YNNPACK (whose whole-map kernel-gradient
+  convolution is slow: 3.8 s against 3.4 s for the products per CIFAR10 step at batch 32,
+  and 2.5 s through XLA's own convolution with the project's options;
+  `python -m benchmarks.conv_breakdown`). It is kept for such programs and for
+  comparison. Being a custom VJP it supports reverse mode (grad, vjp, also nested and
+  under vmap) but not forward mode (jvp, jacfwd).
+
+Forward values are identical in both modes; the gradients agree up to the order of sums.
 """
 
 from __future__ import annotations
@@ -29,21 +34,21 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-KernelGradient = Literal["auto", "matmul", "xla"]
-_MODES = ("auto", "matmul", "xla")
+KernelGradient = Literal["xla", "matmul"]
+_MODES = ("xla", "matmul")
 _DEFAULT_MODE: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "conv3x3_kernel_gradient", default="auto")
+    "conv3x3_kernel_gradient", default="xla")
 
 
 @contextlib.contextmanager
 def kernel_gradient(mode: KernelGradient) -> Iterator[None]:
   """Within the context, `conv3x3` calls without `kernel_grad` trace with `mode`.
 
-  Meant for measurements (e.g. the train step with XLA's kernel gradient on CPU); it acts
-  when a function is traced, so use it around the first call of a jitted function.
+  Meant for measurements (e.g. the train step with the nine-product kernel gradient); it
+  acts when a function is traced, so use it around the first call of a jitted function.
 
   Args:
-    mode: "auto", "matmul" or "xla" (see `conv3x3`).
+    mode: "xla" or "matmul" (see `conv3x3`).
   """
   _check_mode(mode)
   token = _DEFAULT_MODE.set(mode)
@@ -155,33 +160,25 @@ def _input_grad(kernel: jax.Array, g: jax.Array, stride: int, x_aval) -> jax.Arr
   return transpose(g)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv3x3(x: jax.Array, kernel: jax.Array, stride: int,
-             kernel_grad: KernelGradient) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return _conv(x, kernel, stride, _padding(x.shape, stride))
 
 
-def _conv3x3_fwd(x, kernel, stride, kernel_grad):
-  return _conv3x3(x, kernel, stride, kernel_grad), (x, kernel)
+def _conv3x3_fwd(x, kernel, stride):
+  return _conv3x3_matmul(x, kernel, stride), (x, kernel)
 
 
-def _conv3x3_bwd(stride, kernel_grad, residuals, g):
+def _conv3x3_bwd(stride, residuals, g):
   x, kernel = residuals
   g = g.astype(_accumulation_dtype(x.dtype))  # [B, H', W', Cout]
   x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
   dx = _input_grad(kernel, g, stride, x_aval).astype(x.dtype)
-  matmul = lambda x, g: kernel_grad_matmul(x, g, stride)
-  xla = lambda x, g: kernel_grad_xla(x, g, stride, kernel.shape)
-  if kernel_grad == "matmul":
-    dw = matmul(x, g)
-  elif kernel_grad == "xla":
-    dw = xla(x, g)
-  else:  # "auto": decided when lowering, for the platform the program runs on.
-    dw = lax.platform_dependent(x, g, cpu=matmul, default=xla)
+  dw = kernel_grad_matmul(x, g, stride)
   return dx, dw.astype(kernel.dtype)
 
 
-_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+_conv3x3_matmul.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
@@ -192,9 +189,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
     x: [B, H, W, Cin] input (float32 or bfloat16).
     kernel: [3, 3, Cin, Cout] kernel (HWIO), in the dtype of `x`.
     stride: 1 or 2 (the same along H and W).
-    kernel_grad: how the kernel gradient is computed: "auto" (nine matrix products on
-      CPU, XLA's convolution on other platforms), "matmul" or "xla" everywhere; None
-      takes the mode of the enclosing `kernel_gradient` context ("auto" outside).
+    kernel_grad: how the kernel gradient is computed: "xla" (JAX's own derivative) or
+      "matmul" (nine shifted matrix products); None takes the mode of the enclosing
+      `kernel_gradient` context ("xla" outside).
 
   Returns:
     [B, ceil(H / stride), ceil(W / stride), Cout] float32 (products accumulate in float32;
@@ -207,4 +204,6 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
   _check_mode(kernel_grad)
   if not isinstance(stride, int) or stride < 1:
     raise ValueError(f"stride must be a positive int, got {stride!r}.")
-  return _conv3x3(x, kernel, stride, kernel_grad)
+  if kernel_grad == "matmul":
+    return _conv3x3_matmul(x, kernel, stride)
+  return _conv(x, kernel, stride, _padding(x.shape, stride))
