@@ -2,22 +2,27 @@
 
 On CPU, XLA hands matrix products, reductions and (by default) convolutions to the YNNPACK
 library. For this U-Net its convolutions run faster through XLA's own CPU convolution
-(Eigen), most of all the kernel gradients: the CIFAR10 train step at batch 8 went from
-0.75x to 0.97x of the PyTorch peer on the 2-core development machine
-(`benchmarks/RESULTS.md`, "compiler options"). `for_mesh` therefore keeps YNNPACK for
-products and reductions only. Elsewhere (GPU, TPU) no option is set.
+(Eigen), above all the kernel gradients, whose whole-map convolutions YNNPACK runs slowly
+(`python -m benchmarks.conv_breakdown`; `benchmarks/RESULTS.md`). On CPU, `for_mesh`
+therefore keeps YNNPACK for products and reductions only. Elsewhere (GPU, TPU) it sets
+nothing.
 
 The options are passed per program (`jax.jit(..., compiler_options=for_mesh(mesh))`), so
-they touch neither `XLA_FLAGS` nor programs that are not the project's. Setting
-`DIFFUSION_JAX_XLA_DEFAULTS=1` in the environment turns them off (XLA's defaults, e.g.
-to compare).
+they touch neither `XLA_FLAGS` nor programs that are not the project's. An XLA that no
+longer knows the option gets none (with a warning) rather than failing to compile.
+Setting `DIFFUSION_JAX_XLA_DEFAULTS=1` in the environment turns them off (XLA's defaults,
+e.g. to compare).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
+from absl import logging
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 _LIBRARY = "LIBRARY_FUSION_TYPE_"
@@ -28,11 +33,25 @@ CPU_OPTIONS = {
 DEFAULTS_ENV = "DIFFUSION_JAX_XLA_DEFAULTS"
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_options_accepted() -> bool:
+  """Whether this jaxlib's XLA:CPU accepts `CPU_OPTIONS` (compiles a tiny program once)."""
+  try:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    probe = jax.jit(lambda x: x + 1, compiler_options=dict(CPU_OPTIONS))
+    probe.lower(jax.ShapeDtypeStruct((2,), jnp.float32, sharding=cpu)).compile()
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("This XLA rejects the CPU compiler options %s (%s); using its "
+                    "defaults.", CPU_OPTIONS, str(e).splitlines()[0][:200])
+    return False
+
+
 def for_platform(platform: str) -> Optional[dict[str, str]]:
   """The options for programs on `platform` ("cpu", "gpu", "tpu", ...); None for none."""
   if os.environ.get(DEFAULTS_ENV, "") not in ("", "0"):
     return None
-  if platform == "cpu":
+  if platform == "cpu" and _cpu_options_accepted():
     return dict(CPU_OPTIONS)
   return None
 

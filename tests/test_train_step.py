@@ -1,6 +1,7 @@
 """The compiled data-parallel update: sharding invariance, loss wiring, NaN guard."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from diffusion_jax import optimizer
 from diffusion_jax import run_setup
 from diffusion_jax import sharding
+from diffusion_jax import train_state as train_state_lib
 from diffusion_jax import train_step as train_step_lib
 import training_testlib
 
@@ -134,3 +136,36 @@ def test_non_finite_step_leaves_state_unchanged(built8):
   assert int(after.step) == int(before.step) == 1
   for x, y in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
     np.testing.assert_array_equal(x, y)
+
+
+def _copied_entry_parameters(hlo: str) -> int:
+  """How many copy instructions of the optimized module read an argument of the program."""
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  params = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(", entry))
+  return sum(1 for operand in re.findall(r" copy\(%([\w.\-]+)\)", hlo) if operand in params)
+
+
+def test_donated_step_updates_the_state_in_place_without_copies(built8):
+  """The guarded update writes each leaf once: XLA copies no state leaf before updating.
+
+  (With `where(finite, new, old)` over the tree XLA copied every parameter, moment and EMA
+  leaf first, which doubled the update's time on the CIFAR10 network.)
+  """
+  config, mesh, _, step = built8
+  state = run_setup.init_train_state(config, mesh)
+  images = jax.device_put(_images(0), sharding.batch_sharding(mesh))
+  # (At most a scalar or two, e.g. the step counter, of the 3 x leaves + 1 arrays.)
+  assert _copied_entry_parameters(step.lower(state, images).compile().as_text()) <= 2
+  # The check can fail: the same update written as a select over the tree copies it.
+  tx = run_setup.build_optimizer(config)
+
+  def select_update(state, grads):
+    finite = jnp.isfinite(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
+    new = train_state_lib.apply_gradients(state, grads, tx, 0.9999)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+  grads = jax.tree_util.tree_map(jnp.ones_like, state.params)
+  select_hlo = jax.jit(select_update, donate_argnums=(0,)).lower(state, grads).compile()
+  leaves = len(jax.tree_util.tree_leaves(state.params))
+  assert _copied_entry_parameters(select_hlo.as_text()) >= leaves
