@@ -100,8 +100,8 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
 class Conv3x3(nn.Module):
   """3x3 convolution with TF "SAME" padding (for stride 2: pads right/bottom only).
 
-  The only spatial convolution of the network. It runs through `conv.conv3x3`, whose
-  kernel gradient is nine matrix products on CPU (XLA:CPU's own is far slower there).
+  The only spatial convolution of the network. It runs through `conv.conv3x3` (JAX's own
+  derivative by default; nine shifted matrix products for the kernel gradient on request).
 
   Attributes:
     features: output channels.
