@@ -3,6 +3,7 @@
   python -m benchmarks.op_profile --what train_step --batch 8     # CIFAR10 network
   python -m benchmarks.op_profile --what forward --batch 16
   python -m benchmarks.op_profile --what train_step --kernel_grad matmul --batch 32
+  python -m benchmarks.op_profile --what train_step --batch 32 --instructions 12
 
 XLA:CPU records one trace event per executed operation (thunk), named after the HLO
 instruction. The events are joined with the optimized HLO's `op_name` metadata (the JAX
@@ -10,6 +11,11 @@ source path, e.g. `transpose(jvp(UNet))/up_1/block_0/conv1/...`) and summed per 
 forward or backward (`transpose(...)` in the path), convolution, matmul (`dot_general`),
 and the other fused kernels by the JAX operation that produced them. Durations are
 summed over both worker threads, so shares, not sums, compare with wall time.
+
+XLA's own CPU convolutions (the project's CPU compiler options) run on Eigen's thread
+pool after their thunk has started them: their events cover the launch, not the work, so
+the convolution rows understate them; `benchmarks.conv_breakdown` times them alone.
+`--instructions N` lists the costliest single instructions with their result shapes.
 """
 
 from __future__ import annotations
@@ -38,14 +44,15 @@ _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjRt", "TfrtCpu", "Pjit", "C
          "ParseArguments", "Allocate", "PythonRef", "Threadpool")
 
 
-def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """Instruction name -> (opcode, JAX op_name) of an optimized HLO module's text."""
+def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+  """Instruction name -> (opcode, JAX op_name, result shape) of an optimized HLO module."""
   out = {}
   for line in hlo_text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(", line)
     if m:
       op_name = re.search(r'op_name="([^"]*)"', line)
-      out[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+      shape = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (\([^)]*\)|\S+)", line).group(1)
+      out[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "", shape)
   return out
 
 
@@ -71,11 +78,13 @@ def category(instruction: str, opcode: str, op_name: str) -> str:
   return f"{direction}: {kind}"
 
 
-def profile(fn, args, runs: int = 2) -> tuple[dict[str, float], dict[str, int], float]:
+def profile(fn, args, runs: int = 2
+            ) -> tuple[dict[str, float], dict[str, int], float, dict[str, float], dict]:
   """Runs the jitted `fn(*args)` under the profiler `runs` times.
 
   Returns:
-    (category -> seconds per run, category -> events per run, total op seconds per run).
+    (category -> seconds per run, category -> events per run, total op seconds per run,
+    instruction -> seconds per run, the `hlo_metadata` of the compiled program).
   """
   compiled = fn.lower(*args).compile()
   meta = hlo_metadata(compiled.as_text())
@@ -91,18 +100,21 @@ def profile(fn, args, runs: int = 2) -> tuple[dict[str, float], dict[str, int], 
       events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   seconds, counts = collections.defaultdict(float), collections.Counter()
+  per_instruction = collections.defaultdict(float)
   for e in events:
     name = e.get("name", "")
     if e.get("ph") != "X" or name.startswith(_SKIP) or name not in meta:
       continue
-    opcode, op_name = meta[name]
+    opcode, op_name, _ = meta[name]
     if opcode == "while":  # Its body's operations have their own events.
       continue
     key = category(name, opcode, op_name)
     seconds[key] += e["dur"] * 1e-6 / runs
     counts[key] += 1
+    per_instruction[name] += e["dur"] * 1e-6 / runs
   total = sum(seconds.values())
-  return dict(seconds), {k: v // runs for k, v in counts.items()}, total
+  return (dict(seconds), {k: v // runs for k, v in counts.items()}, total,
+          dict(per_instruction), meta)
 
 
 def build(what: str, network: str, batch: int):
@@ -144,11 +156,13 @@ def main(argv=None):
   parser.add_argument("--runs", type=int, default=2)
   parser.add_argument("--top", type=int, default=20)
   parser.add_argument("--kernel_grad", default="xla", choices=["xla", "matmul"])
+  parser.add_argument("--instructions", type=int, default=0,
+                      help="also list the N costliest HLO instructions")
   args = parser.parse_args(argv)
   load_before = harness.load_average()
   with conv.kernel_gradient(args.kernel_grad):
     fn, fn_args = build(args.what, args.network, args.batch)
-    seconds, counts, total = profile(fn, fn_args, args.runs)
+    seconds, counts, total, per_instruction, meta = profile(fn, fn_args, args.runs)
   print(f"## Operation profile: {args.what}, {args.network}, batch {args.batch}, "
         f"kernel_grad={args.kernel_grad}\n")
   print(harness.machine_line())
@@ -158,6 +172,14 @@ def main(argv=None):
   print("|---|---|---|---|")
   for key, value in sorted(seconds.items(), key=lambda kv: -kv[1])[:args.top]:
     print(f"| {key} | {1e3 * value:.1f} | {100 * value / total:.1f}% | {counts[key]} |")
+  if args.instructions:
+    print("\n| instruction | result | JAX source | ms per run |")
+    print("|---|---|---|---|")
+    for name, value in sorted(per_instruction.items(),
+                              key=lambda kv: -kv[1])[:args.instructions]:
+      _, op_name, shape = meta[name]
+      print(f"| {name} | {shape} | {op_name.replace('jit(step_fn)/', '')[-70:]} | "
+            f"{1e3 * value:.1f} |")
 
 
 if __name__ == "__main__":
