@@ -73,8 +73,7 @@ def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
   kernel = jnp.asarray(rng.standard_normal((3, 3, x_shape[-1], cout)) * 0.05, jnp.float32)
   out_hw = tuple(-(-s // stride) for s in x_shape[1:3])
   g = jnp.asarray(rng.standard_normal((x_shape[0],) + out_hw + (cout,)), jnp.float32)
-  jit = functools.partial(jax.jit, compiler_options=compiler_options.for_platform(
-      jax.default_backend()))
+  jit = functools.partial(jax.jit, compiler_options=compiler_options.for_default_backend())
   forward = jit(lambda x, w: conv.conv3x3(x, w, stride))
   x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
   input_grad = jit(lambda w, g: conv._input_grad(w, g, stride, x_aval))  # pylint: disable=protected-access

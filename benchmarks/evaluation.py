@@ -124,8 +124,7 @@ def bpd_row(args, torch, peaks):
   images = jnp.asarray(images, jnp.float32)
   keys = jax.random.split(jax.random.key(0), args.bpd_batch)
 
-  @functools.partial(jax.jit, compiler_options=compiler_options.for_platform(
-      jax.default_backend()))
+  @functools.partial(jax.jit, compiler_options=compiler_options.for_default_backend())
   def ours(params, x, keys):
     model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
     return bound.calc_bpd(model_fn, schedule, x, keys, model_mean_type=d.model_mean_type,

@@ -143,7 +143,7 @@ def build(what: str, network: str, batch: int):
   params = run_setup.init_train_state(config, mesh).params
   t = jax.numpy.arange(batch, dtype=jax.numpy.int32) * 7 % 1000
   fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
-               compiler_options=compiler_options.for_platform(jax.default_backend()))
+               compiler_options=compiler_options.for_default_backend())
   return fn, (params, images, t)
 
 

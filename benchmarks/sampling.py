@@ -54,8 +54,7 @@ def make_sampler(config, kind: str, steps: int):
     x_t = randomness.per_example_normal(keys, num_timesteps, shape, schedule.dtype)
     return samplers.denoise_from(model_fn, schedule, x_t, steps - 1, keys, **kwargs)
 
-  return jax.jit(sample, compiler_options=compiler_options.for_platform(
-      jax.default_backend()))
+  return jax.jit(sample, compiler_options=compiler_options.for_default_backend())
 
 
 def measure(config, kind: str, steps: int, batch: int, repeats: int, torch, params,

@@ -56,6 +56,11 @@ def for_platform(platform: str) -> Optional[dict[str, str]]:
   return None
 
 
+def for_default_backend() -> Optional[dict[str, str]]:
+  """The options for a program on JAX's default backend (no mesh given)."""
+  return for_platform(jax.default_backend())
+
+
 def for_mesh(mesh: Mesh) -> Optional[dict[str, str]]:
   """The options for a program whose arrays live on `mesh`'s devices."""
   return for_platform(mesh.devices.flat[0].platform)

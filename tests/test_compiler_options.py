@@ -34,6 +34,7 @@ def test_cpu_programs_keep_convolutions_out_of_ynnpack():
 def test_other_platforms_and_the_environment_switch_get_no_options(monkeypatch):
   assert compiler_options.for_platform("gpu") is None
   assert compiler_options.for_platform("tpu") is None
+  assert compiler_options.for_default_backend() == compiler_options.CPU_OPTIONS  # CPU here.
   monkeypatch.setenv(compiler_options.DEFAULTS_ENV, "1")
   assert compiler_options.for_platform("cpu") is None
   monkeypatch.setenv(compiler_options.DEFAULTS_ENV, "0")
