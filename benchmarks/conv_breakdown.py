@@ -59,6 +59,7 @@ def _time(fns: dict, repeats: int) -> dict:
   cpu = {k: [] for k in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      harness.settle()
       w, c = time.perf_counter(), time.process_time()
       harness.block(fn())
       cpu[name].append(time.process_time() - c)

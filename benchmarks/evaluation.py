@@ -243,7 +243,8 @@ def main(argv=None):
     row, note = fid_row(args, torch, weights, ts_path)
   rows.append(row)
   notes.append(note)
-  notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating; torch threads: "
+  notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating, "
+               f"{harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
                f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
   notes.append("peak mem ours: XLA's planned bytes (arguments + outputs + temporaries); "
                "peer: parameters + the RSS high-water delta of its first run.")

@@ -65,14 +65,30 @@ def block(tree):
   return jax.block_until_ready(tree)
 
 
+# Untimed pause before each timed call. Both frameworks' worker threads keep spinning for
+# a few milliseconds after their last parallel region (PyTorch's OpenMP pool, XLA's Eigen
+# pool); on a 2-core machine whatever runs next loses a core meanwhile. Measured here on a
+# 14 ms convolution: XLA right after PyTorch 17.9 ms, after 1 ms 17.6, after 5 ms 15.2,
+# after 20 ms 14.0; PyTorch right after XLA 14.4 ms, after 100 ms 12.3.
+SETTLE_S = 0.05
+
+
+def settle(seconds: float = SETTLE_S) -> None:
+  """Sleeps so that the previous call's spinning worker threads go idle (see SETTLE_S)."""
+  if seconds > 0:
+    time.sleep(seconds)
+
+
 def time_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
-                     repeats: int = 5) -> dict[str, float]:
+                     repeats: int = 5, settle_s: float = SETTLE_S) -> dict[str, float]:
   """Median seconds per call of each function, calling them in turn (A B A B ...).
 
   Args:
     fns: name -> a zero-argument function that runs one measured unit to completion.
     warmup: untimed calls of each function first (compilation, caches).
     repeats: timed calls of each function.
+    settle_s: untimed pause before each timed call, so that no call pays for the
+      previous one's spinning threads (SETTLE_S).
 
   Returns:
     name -> median seconds.
@@ -83,6 +99,7 @@ def time_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      settle(settle_s)
       start = time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - start)

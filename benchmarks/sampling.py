@@ -138,7 +138,8 @@ def main(argv=None):
     notes.append(f"{row.name}: our compile {compile_s:.1f} s{full}.")
   notes.append(f"{args.network}: {flops / 1e9:.2f} GFLOP per forward ({origin}); one forward "
                f"per step. Random weights (timing does not depend on their values).")
-  notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating; torch threads: "
+  notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating, "
+               f"{harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
                f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
   notes.append("peak mem ours: XLA's planned bytes (arguments + outputs + temporaries); "
                "peer: parameters + the RSS high-water delta of its first run.")

@@ -137,7 +137,7 @@ def main(argv=None):
     notes.append(f"{network}: {flops / 1e9:.2f} GFLOP per forward ({origin}); a train step "
                  f"counts 3 forwards.")
   notes.append(f"median of {args.repeats} timed steps after 1 warm-up, ours and peer "
-               f"alternating; torch threads: "
+               f"alternating, {harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
                f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
   notes.append("peak mem ours: XLA's planned bytes of the step (arguments + outputs + "
                "temporaries - donated), or the device's peak on an accelerator; peer: "
