@@ -4,6 +4,8 @@
   python -m benchmarks.train_step --network cifar10 --batch 128 --precision bfloat16 \
       --no_peer                                             # on a GPU
   python -m benchmarks.train_step --network 256 --batch 64 --precision bfloat16 --no_peer
+  python -m benchmarks.train_step --network 256 --batch 64 --precision bfloat16 --no_peer \
+      --remat                                               # if it does not fit
 
 Ours: `train_step.make_train_step` exactly as training compiles it (timesteps and noise per
 example, dropout, L_simple, clipping, Adam, EMA, donated state). The peer does the same
@@ -55,11 +57,13 @@ def planned_bytes(compiled) -> int | None:
     return None
 
 
-def measure(network: str, batch: int, precision: str, repeats: int, torch, mesh):
+def measure(network: str, batch: int, precision: str, repeats: int, torch, mesh,
+            remat: bool = False):
   """One row: our and the peer's images/s and peak memory."""
   config = configs.load_config(network)
   config.training.batch_size = batch
   config.model.dtype = precision
+  config.model.remat = remat
   unet_config = run_setup.build_model(config)[0]
   flops, _ = configs.forward_flops(network, unet_config)
   step, state = build_ours(config, mesh)
@@ -98,7 +102,7 @@ def measure(network: str, batch: int, precision: str, repeats: int, torch, mesh)
   if ours_mem.how == "device peak_bytes_in_use":
     ours_bytes = ours_mem.bytes
   row = harness.Row(
-      name=f"{network} train step, batch {batch}, {precision}",
+      name=f"{network} train step, batch {batch}, {precision}{', remat' if remat else ''}",
       ours=batch / seconds["ours"],
       peer=batch / seconds["peer"] if "peer" in seconds else None, unit="img/s",
       flops_per_unit=harness.TRAIN_STEP_FORWARDS * flops, precision=precision,
@@ -117,6 +121,9 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no_peer", action="store_true", help="skip PyTorch (e.g. on GPU)")
   parser.add_argument("--torch_threads", type=int, default=None)
+  parser.add_argument("--remat", action="store_true",
+                      help="ours with model.remat=True (blocks recomputed in the backward "
+                           "pass: less memory, more compute); the peer is unchanged")
   args = parser.parse_args(argv)
   torch = None if args.no_peer else harness.setup_torch(args.torch_threads)
   mesh = sharding.make_mesh(jax.devices()[:1])
@@ -128,7 +135,8 @@ def main(argv=None):
   default_batches = {"cifar10": [8, 32], "mnist": [32], "256": [1]}
   for network in args.network:
     for batch in args.batch or default_batches[network]:
-      row, compile_s = measure(network, batch, args.precision, args.repeats, torch, mesh)
+      row, compile_s = measure(network, batch, args.precision, args.repeats, torch, mesh,
+                               remat=args.remat)
       rows.append(row)
       notes.append(f"{row.name}: our compile {compile_s:.1f} s.")
   for network in args.network:

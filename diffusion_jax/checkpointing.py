@@ -38,7 +38,7 @@ SNAPSHOT_DIR = "snapshots"
 UNREADABLE_DIR = "unreadable_checkpoints"
 CONFIG_FILE = "config.json"
 # Model fields that change neither the parameters nor the function they compute.
-_NON_ARCHITECTURE_MODEL_FIELDS = ("dropout", "dtype")
+_NON_ARCHITECTURE_MODEL_FIELDS = ("dropout", "dtype", "remat")
 _LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 
@@ -52,8 +52,8 @@ def config_to_dict(config: ml_collections.ConfigDict | dict) -> dict:
 def architecture_of(config: ml_collections.ConfigDict | dict) -> dict:
   """Returns the fields that decide the network's parameters and function.
 
-  All of `model` except dropout and the compute dtype, the image size and channels, and
-  whether the output carries learned variances (twice the channels).
+  All of `model` except dropout, the compute dtype and remat, the image size and
+  channels, and whether the output carries learned variances (twice the channels).
   """
   config = config_to_dict(config)
   model = {k: v for k, v in config.get("model", {}).items()

@@ -129,6 +129,8 @@ def test_architecture_mismatch_is_refused_without_touching_workdir(tmp_path):
   checkpointing.check_architecture(str(tmp_path), config)  # Same architecture: fine.
   other = _config()
   other.model.dropout = 0.3  # Not architecture.
+  other.model.dtype = "bfloat16"
+  other.model.remat = True
   other.training.batch_size = 64
   checkpointing.check_architecture(str(tmp_path), other)
   before = _tree_listing(tmp_path)

@@ -246,3 +246,72 @@ def test_dropout_only_in_train_mode_from_the_dropout_stream():
       UNet(no_dropout).apply({"params": p}, x, t, train=True)))(params)
   np.testing.assert_allclose(eval_out, train_no_dropout, rtol=0, atol=0)
   assert rel_err(a, eval_out) > 1e-3
+
+
+# --- Rematerialization ----------------------------------------------------------------------
+
+
+def _train_loss_and_grads(config, params, x, t, key):
+  def loss(p):
+    out = UNet(config).apply({"params": p}, x, t, train=True, rngs={"dropout": key})
+    return jnp.mean(out ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_keeps_parameters_values_and_gradients():
+  config = dataclasses.replace(SMALL, dropout=0.2)  # Dropout must replay in the recompute.
+  remat = dataclasses.replace(config, remat=True)
+  params = random_params(config, seed=3)
+  # Same parameter tree (checkpoints and imported weights load either way).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+  t = jnp.asarray([5, 900], jnp.int32)
+  init = lambda c: jax.eval_shape(lambda: UNet(c).init(jax.random.key(0), x, t)["params"])
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), init(remat)) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), init(config))
+  key = jax.random.key(7)
+  loss, grads = _train_loss_and_grads(config, params, x, t, key)
+  loss_r, grads_r = _train_loss_and_grads(remat, params, x, t, key)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  flat, flat_r = (flax.traverse_util.flatten_dict(g) for g in (grads, grads_r))
+  assert flat.keys() == flat_r.keys()
+  for name in flat:
+    np.testing.assert_allclose(flat_r[name], flat[name], rtol=2e-4, atol=1e-6,
+                               err_msg="/".join(name))
+  # Dropout really acted (else the replay would be untested).
+  loss_other, _ = _train_loss_and_grads(remat, params, x, t, jax.random.key(8))
+  assert abs(float(loss_other) - float(loss)) > 1e-6 * abs(float(loss))
+
+
+def _primitive_count(jaxpr, name: str) -> int:
+  """Equations named `name` in `jaxpr` and every jaxpr nested in it."""
+  count, stack = 0, list(jaxpr.eqns)
+  while stack:
+    e = stack.pop()
+    count += e.primitive.name == name
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, "jaxpr", sub)
+        stack.extend(getattr(inner, "eqns", []))
+  return count
+
+
+def test_remat_wraps_every_res_and_attention_block():
+  # ch_mult (1, 2) with attention at 16x16: res blocks 2 + 2 (down), 2 (middle), 3 + 3
+  # (up) = 12; attention blocks 2 (down), 1 (middle), 3 (up) = 6.
+  config = UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(16,),
+                      dropout=0.1, num_groups=8, image_size=32)
+  params = models.param_shapes(config)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+  def jaxpr(c):
+    def loss(p, x, t):
+      return jnp.mean(UNet(c).apply({"params": p}, x, t, train=True,
+                                    rngs={"dropout": jax.random.key(0)}) ** 2)
+    return jax.make_jaxpr(jax.grad(loss))(params, x, t).jaxpr
+
+  # The name JAX gives the primitive of `jax.checkpoint` (what `nn.remat` emits).
+  remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).jaxpr.eqns[0].primitive.name
+  assert _primitive_count(jaxpr(config), remat) == 0
+  assert _primitive_count(jaxpr(dataclasses.replace(config, remat=True)), remat) == 12 + 6

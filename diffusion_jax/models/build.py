@@ -46,6 +46,7 @@ def unet_config_from(config: ml_collections.ConfigDict) -> UNetConfig:
       num_groups=int(m.num_groups),
       image_size=int(config.data.image_size),
       dtype=str(m.dtype),
+      remat=bool(m.get("remat", False)),
   )
 
 
@@ -101,7 +102,7 @@ def param_shapes(unet_config: UNetConfig) -> Params:
 
 def _weights_only(unet_config: UNetConfig) -> UNetConfig:
   """The config with the fields that do not change the parameters set to defaults."""
-  return dataclasses.replace(unet_config, dropout=0.0, dtype="float32")
+  return dataclasses.replace(unet_config, dropout=0.0, dtype="float32", remat=False)
 
 
 @functools.lru_cache(maxsize=32)

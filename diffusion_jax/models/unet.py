@@ -40,6 +40,11 @@ class UNetConfig:
     num_groups: GroupNorm groups (must divide every normalized channel count).
     image_size: input height = width.
     dtype: compute dtype name, "float32" or "bfloat16" (parameters are always float32).
+    remat: rematerialize every res block and attention block in the backward pass
+      (`flax.linen.remat`): only the blocks' inputs are kept from the forward pass, the
+      rest is recomputed. Same parameters and values; less activation memory for about
+      one more forward of compute per step. For the 256x256 networks on small devices
+      (GPU, TPU: XLA:CPU merges the recomputation back into the forward pass).
   """
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -52,6 +57,7 @@ class UNetConfig:
   num_groups: int = 32
   image_size: int = 32
   dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -122,6 +128,16 @@ def _normalized_channels(c: UNetConfig) -> set[int]:
   return out
 
 
+def _resnet_block(c: UNetConfig) -> type[nn.Module]:
+  """`layers.ResnetBlock`, rematerialized when `c.remat` (`train`, argument 3, is static)."""
+  return nn.remat(layers.ResnetBlock, static_argnums=(3,)) if c.remat else layers.ResnetBlock
+
+
+def _attn_block(c: UNetConfig) -> type[nn.Module]:
+  """`layers.AttnBlock`, rematerialized when `c.remat`."""
+  return nn.remat(layers.AttnBlock) if c.remat else layers.AttnBlock
+
+
 class _TimestepEmbed(nn.Module):
   """sinusoid(ch) -> dense0 (4 ch) -> swish -> dense1 (4 ch)."""
   config: UNetConfig
@@ -144,10 +160,10 @@ class _DownLevel(nn.Module):
     c, dtype = self.config, self.config.compute_dtype
     outputs = []
     for j in range(c.num_res_blocks):
-      h = layers.ResnetBlock(c.level_channels(self.level), c.dropout, c.num_groups,
-                             dtype=dtype, name=f"block_{j}")(h, temb, train)
+      h = _resnet_block(c)(c.level_channels(self.level), c.dropout, c.num_groups,
+                           dtype=dtype, name=f"block_{j}")(h, temb, train)
       if h.shape[1] in c.attn_resolutions:
-        h = layers.AttnBlock(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
+        h = _attn_block(c)(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
       outputs.append(h)
     if self.level != c.num_resolutions - 1:
       outputs.append(layers.Downsample(c.resamp_with_conv, dtype=dtype,
@@ -163,11 +179,11 @@ class _Middle(nn.Module):
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     c, dtype = self.config, self.config.compute_dtype
     channels = h.shape[-1]
-    h = layers.ResnetBlock(channels, c.dropout, c.num_groups, dtype=dtype,
-                           name="block_1")(h, temb, train)
-    h = layers.AttnBlock(c.num_groups, dtype=dtype, name="attn_1")(h)
-    return layers.ResnetBlock(channels, c.dropout, c.num_groups, dtype=dtype,
-                              name="block_2")(h, temb, train)
+    h = _resnet_block(c)(channels, c.dropout, c.num_groups, dtype=dtype,
+                         name="block_1")(h, temb, train)
+    h = _attn_block(c)(c.num_groups, dtype=dtype, name="attn_1")(h)
+    return _resnet_block(c)(channels, c.dropout, c.num_groups, dtype=dtype,
+                            name="block_2")(h, temb, train)
 
 
 class _UpLevel(nn.Module):
@@ -181,10 +197,10 @@ class _UpLevel(nn.Module):
     c, dtype = self.config, self.config.compute_dtype
     for j, skip in enumerate(skips):
       h = jnp.concatenate([h, skip], axis=-1)  # [B, H, W, C_h + C_skip]
-      h = layers.ResnetBlock(c.level_channels(self.level), c.dropout, c.num_groups,
-                             dtype=dtype, name=f"block_{j}")(h, temb, train)
+      h = _resnet_block(c)(c.level_channels(self.level), c.dropout, c.num_groups,
+                           dtype=dtype, name=f"block_{j}")(h, temb, train)
       if h.shape[1] in c.attn_resolutions:
-        h = layers.AttnBlock(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
+        h = _attn_block(c)(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
     if self.level != 0:
       h = layers.Upsample(c.resamp_with_conv, dtype=dtype, name="upsample")(h)
     return h
