@@ -4,7 +4,9 @@
 
 Traces the U-Net once, collects every 3x3 convolution (input shape, channels, stride),
 then times each distinct one alone in its three parts (forward; input gradient = XLA's
-transposed convolution; kernel gradient by each method of `conv.conv3x3`) and the same
+transposed convolution; kernel gradient by each method of `conv.conv3x3`; on CPU, shapes with
+at most `conv.PATCHES_MAX_POSITIONS` output positions get the parts of the patch product that
+`conv.conv3x3` runs there, and "kernel grad (xla)" is its kernel gradient) and the same
 parts in PyTorch (`conv2d` forward, `torch.nn.grad.conv2d_input/weight`, what its
 autograd runs). Times times counts give each part's cost per train step, in ms and
 GFLOP/s, next to the measured matmul peak. CPU time (both threads) is printed too: on
@@ -80,6 +82,12 @@ def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
   input_grad = jit(lambda w, g: conv._input_grad(w, g, stride, x_aval))  # pylint: disable=protected-access
   grad_matmul = jit(lambda x, g: conv.kernel_grad_matmul(x, g, stride))
   grad_xla = jit(lambda x, g: conv.kernel_grad_xla(x, g, stride, kernel.shape))
+  if conv._use_patches(x_shape, stride):  # pylint: disable=protected-access
+    # The U-Net runs these maps as a product of 3x3 patches: time that one's parts.
+    input_grad = jit(lambda w, g: jax.vjp(
+        lambda a: conv.conv3x3_patches(a, w, stride), jnp.zeros(x_shape, jnp.float32))[1](g)[0])
+    grad_xla = jit(lambda x, g: jax.vjp(
+        lambda w: conv.conv3x3_patches(x, w, stride), kernel)[1](g)[0])
   fns = {"forward": lambda: forward(x, kernel), "input grad": lambda: input_grad(kernel, g),
          "kernel grad (matmul)": lambda: grad_matmul(x, g),
          "kernel grad (xla)": lambda: grad_xla(x, g)}

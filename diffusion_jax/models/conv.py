@@ -20,6 +20,12 @@ in two forms, chosen by `kernel_grad` or the enclosing `kernel_gradient` context
   under vmap) but not forward mode (jvp, jacfwd).
 
 Forward values are identical in both modes; the gradients agree up to the order of sums.
+
+On CPU, in "xla" mode, convolutions with few output positions (at most
+`PATCHES_MAX_POSITIONS` = batch x H' x W': the 4x4 maps of the CIFAR10 network at batch
+8) are one matrix product of their 3x3 patches instead (`conv3x3_patches`), where
+XLA:CPU's convolution is slow; the values agree with the convolution up to the order of
+sums.
 """
 
 from __future__ import annotations
@@ -160,6 +166,42 @@ def _input_grad(kernel: jax.Array, g: jax.Array, stride: int, x_aval) -> jax.Arr
   return transpose(g)[0]
 
 
+# On CPU, convolutions with at most this many output positions (batch x H' x W': the
+# 4x4 maps of the CIFAR10 network at batch 8) are computed as one matrix product of the
+# 3x3 patches (`conv3x3_patches`). XLA:CPU's convolution is slow on so few positions: per
+# 4x4x256 -> 256 convolution at batch 8, forward 2.5 ms and both gradients 6.5 ms,
+# against 1.8 and 3.1 ms for the patch product. With more positions the nine times larger
+# patch matrix costs more than it saves (4x4 at batch 16, 256 positions: 1.28x the time
+# of the convolution; `benchmarks/RESULTS.md`).
+PATCHES_MAX_POSITIONS = 128
+
+
+def patches3x3(x: jax.Array, stride: int) -> jax.Array:
+  """The 3x3 windows of the TF-"SAME"-padded input: [B, H', W', 9 Cin], (i, j, c) order."""
+  batch, _, _, cin = x.shape
+  (top, bottom), (left, right) = _padding(x.shape, stride)
+  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
+  views = [lax.slice(x_pad, (0, i, j, 0),
+                     (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
+                      cin), (1, stride, stride, 1))
+           for i in range(3) for j in range(3)]  # [B, H', W', Cin] each
+  return jnp.concatenate(views, axis=-1)
+
+
+def conv3x3_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`conv3x3` as patches [B H' W', 9 Cin] @ kernel [9 Cin, Cout] (plain autodiff)."""
+  cin, cout = kernel.shape[2:]
+  return lax.dot_general(patches3x3(x, stride), kernel.reshape(9 * cin, cout),
+                         (((3,), (0,)), ((), ())),
+                         preferred_element_type=_accumulation_dtype(x.dtype))
+
+
+def _use_patches(x_shape, stride: int) -> bool:
+  positions = x_shape[0] * -(-x_shape[1] // stride) * -(-x_shape[2] // stride)
+  return positions <= PATCHES_MAX_POSITIONS and jax.default_backend() == "cpu"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv3x3_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return _conv(x, kernel, stride, _padding(x.shape, stride))
@@ -191,7 +233,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
     stride: 1 or 2 (the same along H and W).
     kernel_grad: how the kernel gradient is computed: "xla" (JAX's own derivative) or
       "matmul" (nine shifted matrix products); None takes the mode of the enclosing
-      `kernel_gradient` context ("xla" outside).
+      `kernel_gradient` context ("xla" outside). In "xla" mode on CPU, convolutions with
+      at most `PATCHES_MAX_POSITIONS` output positions go through `conv3x3_patches`
+      (same values up to the order of sums; its derivatives are JAX's too).
 
   Returns:
     [B, ceil(H / stride), ceil(W / stride), Cout] float32 (products accumulate in float32;
@@ -206,4 +250,6 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
     raise ValueError(f"stride must be a positive int, got {stride!r}.")
   if kernel_grad == "matmul":
     return _conv3x3_matmul(x, kernel, stride)
+  if _use_patches(x.shape, stride):
+    return conv3x3_patches(x, kernel, stride)
   return _conv(x, kernel, stride, _padding(x.shape, stride))
