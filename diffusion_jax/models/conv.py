@@ -114,6 +114,18 @@ def _shifted_products(fixed: jax.Array, views: list[jax.Array]) -> jax.Array:
   return jnp.stack([lax.dot(fixed_t, v, preferred_element_type=acc) for v in views])
 
 
+def _windows(x: jax.Array, stride: int) -> list[jax.Array]:
+  """The nine [B, H', W', Cin] views x_pad[:, s h + i, s w + j, :] of the padded input."""
+  batch, height, width, cin = x.shape
+  out_h, out_w = -(-height // stride), -(-width // stride)
+  (top, bottom), (left, right) = _padding(x.shape, stride)
+  x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
+  return [lax.slice(x_pad, (0, i, j, 0),
+                    (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
+                     cin), (1, stride, stride, 1))
+          for i in range(3) for j in range(3)]
+
+
 def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
   """The kernel gradient of `conv3x3` as shifted matrix products.
 
@@ -132,7 +144,7 @@ def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
     [3, 3, Cin, Cout] in float32 (float64 for float64 inputs).
   """
   batch, height, width, cin = x.shape
-  _, out_h, out_w, cout = g.shape
+  cout = g.shape[-1]
   g = g.astype(x.dtype)
   if stride == 1 and cout < cin:
     g_pad = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H + 2, W + 2, Cout]
@@ -141,12 +153,7 @@ def kernel_grad_matmul(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
              for i in range(3) for j in range(3)]  # [N, Cout] each
     out = _shifted_products(x.reshape(-1, cin), views)  # [9, Cin, Cout]
     return out.reshape(3, 3, cin, cout)
-  (top, bottom), (left, right) = _padding(x.shape, stride)
-  x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
-  views = [lax.slice(x_pad, (0, i, j, 0),
-                     (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
-                      cin), (1, stride, stride, 1)).reshape(-1, cin)
-           for i in range(3) for j in range(3)]  # [N, Cin] each
+  views = [v.reshape(-1, cin) for v in _windows(x, stride)]  # [N, Cin] each
   out = _shifted_products(g.reshape(-1, cout), views)  # [9, Cout, Cin]
   return out.reshape(3, 3, cout, cin).transpose(0, 1, 3, 2)
 
@@ -178,15 +185,7 @@ PATCHES_MAX_POSITIONS = 128
 
 def patches3x3(x: jax.Array, stride: int) -> jax.Array:
   """The 3x3 windows of the TF-"SAME"-padded input: [B, H', W', 9 Cin], (i, j, c) order."""
-  batch, _, _, cin = x.shape
-  (top, bottom), (left, right) = _padding(x.shape, stride)
-  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-  x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, Hp, Wp, Cin]
-  views = [lax.slice(x_pad, (0, i, j, 0),
-                     (batch, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
-                      cin), (1, stride, stride, 1))
-           for i in range(3) for j in range(3)]  # [B, H', W', Cin] each
-  return jnp.concatenate(views, axis=-1)
+  return jnp.concatenate(_windows(x, stride), axis=-1)
 
 
 def conv3x3_patches(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
