@@ -73,12 +73,6 @@ def block(tree):
 SETTLE_S = 0.05
 
 
-def settle(seconds: float = SETTLE_S) -> None:
-  """Sleeps so that the previous call's spinning worker threads go idle (see SETTLE_S)."""
-  if seconds > 0:
-    time.sleep(seconds)
-
-
 def time_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
                      repeats: int = 5, settle_s: float = SETTLE_S) -> dict[str, float]:
   """Median seconds per call of each function, calling them in turn (A B A B ...).
@@ -99,7 +93,7 @@ def time_alternating(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      settle(settle_s)
+      time.sleep(settle_s)
       start = time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - start)

@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   parameter_overview.log_parameter_overview(state.params, msg="U-Net parameters")
 
   _, model = run_setup.build_model(config)
-  if config.model.get("remat", False) and jax.default_backend() == "cpu":
+  if config.model.remat and jax.default_backend() == "cpu":
     logging.warning("model.remat=True saves no memory on CPU: XLA:CPU merges the "
                     "recomputed blocks back into the forward pass. It acts on GPU and TPU.")
   schedule = run_setup.build_schedule(config)
