@@ -1,0 +1,216 @@
+"""Float32 convolutions on CPU through oneDNN (the library PyTorch's CPU convolutions use).
+
+XLA:CPU's own convolutions (Eigen) are 15%-40% slower than oneDNN's on the U-Net's shapes
+and its YNNPACK convolutions slower still (`python -m benchmarks.conv_breakdown`,
+`benchmarks/RESULTS.md`). This module compiles `diffusion_jax/native/onednn_conv.cc`, three
+XLA FFI handlers (the forward, and both gradients in one call) over oneDNN, against the
+oneDNN of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` packages and the FFI headers of
+the installed jaxlib, once per machine into a cache folder (a few seconds; then loaded),
+and exposes them as `conv`, a `jax.custom_vjp` of NHWC images and HWIO kernels.
+
+`available()` says whether the library could be built and loaded; if not (no C++
+compiler, packages missing, not Linux x86-64), it logs the reason and the fix once and
+`diffusion_jax.models.conv` keeps XLA's convolutions. Environment:
+
+- `DIFFUSION_JAX_CACHE`: the cache folder (default `$XDG_CACHE_HOME/diffusion_jax`, i.e.
+  `~/.cache/diffusion_jax`).
+- `CXX`: the C++ compiler (default `g++`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).resolve().parent.parent / "native" / "onednn_conv.cc"
+LIBRARY_DIST = "onednn-cpu-gomp"
+HEADERS_DIST = "onednn-devel-cpu-gomp"
+_TARGETS = {  # FFI target name -> symbol in the compiled library
+    "diffusion_jax_onednn_conv_forward": "DjOnednnConvForward",
+    "diffusion_jax_onednn_conv_backward": "DjOnednnConvBackward",
+}
+_FORWARD, _BACKWARD = _TARGETS
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+class OnednnUnavailable(RuntimeError):
+  """The oneDNN convolutions cannot be built or loaded here (the message says why)."""
+
+
+def _dist_file(dist: str, suffix: str) -> pathlib.Path:
+  """The installed file of distribution `dist` whose path ends with `suffix`."""
+  try:
+    files = importlib.metadata.files(dist) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise OnednnUnavailable(
+        f"the package {dist!r} is not installed (pip install {LIBRARY_DIST}==2023.2.0 "
+        f"{HEADERS_DIST}==2023.2.0; Linux x86-64 only)") from None
+  for f in files:
+    if str(f).endswith(suffix):
+      path = pathlib.Path(importlib.metadata.distribution(dist).locate_file(f)).resolve()
+      if path.exists():
+        return path
+  raise OnednnUnavailable(f"the package {dist!r} has no file ending in {suffix!r}; "
+                          f"reinstall it")
+
+
+def cache_dir() -> pathlib.Path:
+  """The folder that holds the compiled library."""
+  if os.environ.get("DIFFUSION_JAX_CACHE"):
+    return pathlib.Path(os.environ["DIFFUSION_JAX_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(base) / "diffusion_jax"
+
+
+def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> pathlib.Path:
+  """Compiles the FFI handlers (unless already compiled); returns the shared library.
+
+  The file name carries a hash of the source, the compiler, jaxlib's version and the
+  oneDNN library, so a change of any of them compiles anew. Concurrent processes each
+  compile to a temporary file and rename it into place (atomic).
+
+  Raises:
+    OnednnUnavailable: packages, headers or compiler missing, or compilation failed.
+  """
+  directory = cache_dir() if directory is None else pathlib.Path(directory)
+  cxx = cxx or os.environ.get("CXX") or "g++"
+  compiler = shutil.which(cxx)
+  if compiler is None:
+    raise OnednnUnavailable(f"no C++ compiler {cxx!r} on PATH (install g++, or set CXX)")
+  library = _dist_file(LIBRARY_DIST, "libdnnl.so.3")
+  header = _dist_file(HEADERS_DIST, "oneapi/dnnl/dnnl.hpp")
+  include = header.parents[2]
+  ffi_include = pathlib.Path(jax.ffi.include_dir())
+  digest = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), compiler.encode(), importlib.metadata.version("jaxlib").encode(),
+               str(library).encode(), str(ffi_include).encode()):
+    digest.update(part)
+  target = directory / f"onednn_conv-{digest.hexdigest()[:16]}.so"
+  if target.exists():
+    return target
+  directory.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+  os.close(fd)
+  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+             f"-I{ffi_include}", f"-I{include}", str(SOURCE), "-o", tmp,
+             str(library), f"-Wl,-rpath,{library.parent}"]
+  logging.info("Compiling the oneDNN convolutions: %s", " ".join(command))
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise OnednnUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n"
+                              f"{result.stderr[-2000:]}")
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return target
+
+
+_state: dict[str, object] = {}
+
+
+def available() -> bool:
+  """Whether the oneDNN convolutions are built, loaded and registered with JAX.
+
+  The first call builds (if needed) and loads them; on failure it logs a warning with the
+  reason and the fix once, and every call returns False.
+  """
+  if "ok" not in _state:
+    try:
+      path = build()
+      library = ctypes.CDLL(str(path))
+      for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+      _state.update(ok=True, library=library, path=path)
+    except (OnednnUnavailable, OSError) as e:
+      logging.warning("oneDNN convolutions unavailable, using XLA's (slower on CPU): %s. "
+                      "Set DIFFUSION_JAX_CPU_CONV=xla to choose XLA's without this "
+                      "warning.", e)
+      _state.update(ok=False, error=str(e))
+  return bool(_state["ok"])
+
+
+def _attributes(stride: int, padding: Padding) -> dict[str, np.int64]:
+  (top, bottom), (left, right) = padding
+  return dict(stride_h=np.int64(stride), stride_w=np.int64(stride),
+              pad_top=np.int64(top), pad_bottom=np.int64(bottom),
+              pad_left=np.int64(left), pad_right=np.int64(right))
+
+
+def _out_size(size: int, low: int, high: int, window: int, stride: int) -> int:
+  return (size + low + high - window) // stride + 1
+
+
+def _call(target: str, shapes, *args, stride: int, padding: Padding):
+  if not available():
+    raise OnednnUnavailable(str(_state.get("error")))
+  results = [jax.ShapeDtypeStruct(tuple(shape), jnp.float32) for shape in shapes]
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
+      *args, **_attributes(stride, padding))
+
+
+def _check(name: str, *arrays: jax.Array) -> None:
+  for a in arrays:
+    if a.dtype != jnp.float32 or a.ndim != 4:
+      raise ValueError(f"onednn.{name} takes 4-d float32 arrays; got {a.dtype} "
+                       f"{tuple(a.shape)}.")
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int,
+                 padding: Padding) -> jax.Array:
+  """y = conv(x, kernel): x [B, H, W, Cin], kernel [KH, KW, Cin, Cout] -> [B, H', W', Cout]."""
+  _check("conv_forward", x, kernel)
+  (top, bottom), (left, right) = padding
+  shape = (x.shape[0], _out_size(x.shape[1], top, bottom, kernel.shape[0], stride),
+           _out_size(x.shape[2], left, right, kernel.shape[1], stride), kernel.shape[3])
+  return _call(_FORWARD, [shape], x, kernel, stride=stride, padding=padding)[0]
+
+
+def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
+                  padding: Padding) -> tuple[jax.Array, jax.Array]:
+  """Both gradients of `conv_forward` for the output cotangent g [B, H', W', Cout].
+
+  Returns:
+    (dx [B, H, W, Cin], dkernel [KH, KW, Cin, Cout]); dkernel[i, j] = sum over batch and
+    output positions p of x_pad[s p + (i, j)]^T g[p].
+  """
+  _check("conv_backward", x, kernel, g)
+  dx, dw = _call(_BACKWARD, [x.shape, kernel.shape], x, kernel, g, stride=stride,
+                 padding=padding)
+  return dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+  """A float32 convolution (NHWC, HWIO, explicit padding) whose three parts run in oneDNN.
+
+  Reverse mode only (grad, vjp, also under vmap); forward mode (jvp) is not defined.
+  """
+  return conv_forward(x, kernel, stride, padding)
+
+
+def _conv_fwd(x, kernel, stride, padding):
+  return conv_forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  return conv_backward(x, kernel, g.astype(jnp.float32), stride, padding)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)

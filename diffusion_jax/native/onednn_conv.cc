@@ -1,0 +1,369 @@
+// 2-D convolutions of NHWC float32 images with HWIO kernels through oneDNN, as XLA FFI
+// handlers for JAX's CPU backend (diffusion_jax/models/onednn.py builds and registers them).
+//
+// Two handlers:
+//   DjOnednnConvForward   y = conv(x, w)                              x, w     -> y
+//   DjOnednnConvBackward  dx = conv^T_x(dy, w), dw = conv^T_w(x, dy)  x, w, dy -> dx, dw
+// Attributes: strides (stride_h, stride_w) and explicit zero padding (pad_top,
+// pad_bottom, pad_left, pad_right), as in lax.conv_general_dilated.
+//
+// Threads: XLA:CPU runs independent operations of a program at the same time on its own
+// thread pool. oneDNN's OpenMP parallelism would add a second set of threads that
+// wait for each other at barriers while XLA's threads hold the cores (measured: the
+// same convolutions took up to 1.7x their time alone inside a train step). So oneDNN
+// runs single-threaded here, and the work is shared out on XLA's pool instead: the batch
+// is cut into one slice per pool thread, the calling thread and tasks scheduled on the
+// pool take slices until none is left (a busy pool leaves them all to the caller), and
+// the kernel gradient sums the slices' partial gradients.
+//
+// Images stay NHWC; oneDNN picks its preferred kernel layout and the kernel (or its
+// gradient) is reordered to or from HWIO once per call. Primitives are built once per
+// geometry and kept.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr memory::data_type kF32 = memory::data_type::f32;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+enum Part : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// One convolution: images [n, h, w, cin] -> [n, oh, ow, cout], kernel [kh, kw, cin, cout].
+struct Shape {
+  int64_t n, h, w, cin, kh, kw, cout, oh, ow, sh, sw, pt, pb, pl, pr;
+};
+
+using Key = std::array<int64_t, 16>;
+
+Key MakeKey(const Shape& s, Part part) {
+  return Key{s.n, s.h, s.w, s.cin, s.kh, s.kw, s.cout, s.oh, s.ow,
+             s.sh, s.sw, s.pt, s.pb, s.pl, s.pr, part};
+}
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    size_t h = 0;
+    for (int64_t v : k) h = h * 1000003u ^ static_cast<size_t>(v);
+    return h;
+  }
+};
+
+memory::desc Images(const Shape& s) {
+  return memory::desc({s.n, s.cin, s.h, s.w}, kF32, Tag::nhwc);
+}
+memory::desc OutImages(const Shape& s) {
+  return memory::desc({s.n, s.cout, s.oh, s.ow}, kF32, Tag::nhwc);
+}
+memory::desc Kernel(const Shape& s, Tag tag) {
+  return memory::desc({s.cout, s.cin, s.kh, s.kw}, kF32, tag);
+}
+
+struct Plan {
+  dnnl::primitive primitive;
+  memory::desc kernel_desc;  // oneDNN's layout of the kernel (or of its gradient)
+  bool reorder;              // whether that layout differs from HWIO
+};
+
+// Builds a primitive; call with OpenMP limited to one thread (oneDNN plans for it).
+Plan MakePlan(const Shape& s, Part part) {
+  const memory::dims strides{s.sh, s.sw}, pad_l{s.pt, s.pl}, pad_r{s.pb, s.pr};
+  const memory::desc hwio = Kernel(s, Tag::hwio);
+  dnnl::convolution_forward::primitive_desc forward(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      Images(s), Kernel(s, Tag::any), OutImages(s), strides, pad_l, pad_r);
+  if (part == kForward) {
+    return Plan{dnnl::convolution_forward(forward), forward.weights_desc(),
+                forward.weights_desc() != hwio};
+  }
+  if (part == kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, Images(s), Kernel(s, Tag::any),
+        OutImages(s), strides, pad_l, pad_r, forward);
+    return Plan{dnnl::convolution_backward_data(pd), pd.weights_desc(),
+                pd.weights_desc() != hwio};
+  }
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, Images(s), Kernel(s, Tag::any),
+      OutImages(s), strides, pad_l, pad_r, forward);
+  return Plan{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
+              pd.diff_weights_desc() != hwio};
+}
+
+const Plan& GetPlan(const Shape& s, Part part) {
+  static std::mutex mutex;
+  static std::unordered_map<Key, std::unique_ptr<Plan>, KeyHash> plans;
+  const Key key = MakeKey(s, part);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    it = plans.emplace(key, std::make_unique<Plan>(MakePlan(s, part))).first;
+  }
+  return *it->second;
+}
+
+void SingleThreaded() { omp_set_num_threads(1); }
+
+// Runs task(i) for i in [0, count): the calling thread and count - 1 tasks scheduled on
+// XLA's pool claim indices until none is left; returns when all have finished. The
+// first error (a oneDNN exception) is rethrown as a message.
+void ParallelFor(ffi::ThreadPool& pool, int64_t count,
+                 const std::function<void(int64_t)>& task) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mutex;
+    std::condition_variable all_done;
+    std::string error;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, count, task]() {
+    SingleThreaded();
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      std::string error;
+      try {
+        task(i);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (!error.empty() && state->error.empty()) state->error = error;
+      if (++state->done == count) state->all_done.notify_all();
+    }
+  };
+  for (int64_t i = 1; i < count; ++i) {
+    auto copy = work;
+    pool.Schedule(std::move(copy));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_done.wait(lock, [&] { return state->done == count; });
+  if (!state->error.empty()) throw std::runtime_error(state->error);
+}
+
+template <typename T>
+std::string Dims(const T& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// The shape from the image (NHWC), kernel (HWIO) and output (NHWC) dimensions.
+ffi::Error MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                     ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                     int64_t pb, int64_t pl, int64_t pr, Shape* s) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || x[3] != w[2] || y[3] != w[3] ||
+      x[0] != y[0] || sh < 1 || sw < 1 ||
+      (x[1] + pt + pb - w[0]) / sh + 1 != y[1] || (x[2] + pl + pr - w[1]) / sw + 1 != y[2]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: inconsistent shapes x " + Dims(x) + ", w " +
+                          Dims(w) + ", y " + Dims(y));
+  }
+  *s = Shape{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
+  return ffi::Error::Success();
+}
+
+// The batch cut into `slices` near-equal slices: slice i is [start(i), start(i + 1)).
+struct Slices {
+  int64_t batch, count;
+  int64_t start(int64_t i) const { return batch * i / count; }
+  int64_t size(int64_t i) const { return start(i + 1) - start(i); }
+};
+
+Slices SliceBatch(ffi::ThreadPool& pool, int64_t batch) {
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  return Slices{batch, std::max<int64_t>(std::min(batch, threads), 1)};
+}
+
+Shape WithBatch(Shape s, int64_t n) {
+  s.n = n;
+  return s;
+}
+
+float* Offset(void* data, int64_t items) { return static_cast<float*>(data) + items; }
+
+// The kernel in the layout `plan` wants: HWIO itself, or a reordered copy in `storage`.
+memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data,
+                  std::vector<std::unique_ptr<memory>>* storage) {
+  memory hwio(Kernel(s, Tag::hwio), Engine(), hwio_data);
+  if (!plan.reorder) return hwio;
+  storage->push_back(std::make_unique<memory>(plan.kernel_desc, Engine()));
+  dnnl::stream stream(Engine());
+  dnnl::reorder(hwio, *storage->back()).execute(stream, hwio, *storage->back());
+  stream.wait();
+  return *storage->back();
+}
+
+// Forward (kForward) or input gradient (kBackwardData) over batch slices.
+void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* w,
+               void* y) {
+  SingleThreaded();
+  const Slices slices = SliceBatch(pool, s.n);
+  // Plans per slice size (at most two sizes); the kernel reordered once per layout.
+  std::vector<const Plan*> plans(slices.count);
+  std::vector<memory> kernels(slices.count);
+  std::vector<std::unique_ptr<memory>> storage;
+  for (int64_t i = 0; i < slices.count; ++i) {
+    plans[i] = &GetPlan(WithBatch(s, slices.size(i)), part);
+    int64_t same = -1;
+    for (int64_t j = 0; j < i && same < 0; ++j) {
+      if (plans[j]->kernel_desc == plans[i]->kernel_desc) same = j;
+    }
+    kernels[i] = same >= 0 ? kernels[same] : PlanKernel(*plans[i], s, w, &storage);
+  }
+  const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
+  ParallelFor(pool, slices.count, [&](int64_t i) {
+    const Shape slice = WithBatch(s, slices.size(i));
+    memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
+    memory out(OutImages(slice), Engine(), Offset(y, slices.start(i) * out_items));
+    dnnl::stream stream(Engine());
+    if (part == kForward) {
+      plans[i]->primitive.execute(stream, {{DNNL_ARG_SRC, images},
+                                           {DNNL_ARG_WEIGHTS, kernels[i]},
+                                           {DNNL_ARG_DST, out}});
+    } else {
+      plans[i]->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, images},
+                                           {DNNL_ARG_WEIGHTS, kernels[i]},
+                                           {DNNL_ARG_DIFF_DST, out}});
+    }
+    stream.wait();
+  });
+}
+
+// Kernel gradient: one partial gradient per batch slice (HWIO), summed into dw.
+void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
+                       void* dw) {
+  SingleThreaded();
+  const Slices slices = SliceBatch(pool, s.n);
+  const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
+  std::vector<std::vector<float>> partials(slices.count - 1,
+                                           std::vector<float>(kernel_items));
+  std::vector<const Plan*> plans(slices.count);
+  for (int64_t i = 0; i < slices.count; ++i) {
+    plans[i] = &GetPlan(WithBatch(s, slices.size(i)), kBackwardWeights);
+  }
+  const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
+  ParallelFor(pool, slices.count, [&](int64_t i) {
+    const Shape slice = WithBatch(s, slices.size(i));
+    const Plan& plan = *plans[i];
+    void* target = i == 0 ? dw : partials[i - 1].data();
+    memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
+    memory grads(OutImages(slice), Engine(), Offset(dy, slices.start(i) * out_items));
+    memory hwio(Kernel(s, Tag::hwio), Engine(), target);
+    memory kernel = plan.reorder ? memory(plan.kernel_desc, Engine()) : hwio;
+    dnnl::stream stream(Engine());
+    plan.primitive.execute(stream, {{DNNL_ARG_SRC, images},
+                                    {DNNL_ARG_DIFF_WEIGHTS, kernel},
+                                    {DNNL_ARG_DIFF_DST, grads}});
+    if (plan.reorder) dnnl::reorder(kernel, hwio).execute(stream, kernel, hwio);
+    stream.wait();
+  });
+  float* out = static_cast<float*>(dw);
+  for (const std::vector<float>& partial : partials) {
+    for (int64_t k = 0; k < kernel_items; ++k) out[k] += partial[k];
+  }
+}
+
+ffi::Error Failure(const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("oneDNN convolution failed: ") + e.what());
+}
+
+using F32Buffer = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Result y, int64_t sh,
+                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  Shape s;
+  if (auto e = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
+                         pl, pr, &s);
+      e.failure()) {
+    return e;
+  }
+  try {
+    RunImages(pool, s, kForward, x.untyped_data(), w.untyped_data(), y->untyped_data());
+  } catch (const std::exception& e) {
+    return Failure(e);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy,
+                    F32Result dx, F32Result dw, int64_t sh, int64_t sw, int64_t pt,
+                    int64_t pb, int64_t pl, int64_t pr) {
+  auto same = [](auto a, auto b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
+  if (!same(dx->dimensions(), x.dimensions()) || !same(dw->dimensions(), w.dimensions())) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution backward: gradient shapes differ from x " +
+                          Dims(x.dimensions()) + " or w " + Dims(w.dimensions()));
+  }
+  Shape s;
+  if (auto e = MakeShape(x.dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb,
+                         pl, pr, &s);
+      e.failure()) {
+    return e;
+  }
+  try {
+    RunImages(pool, s, kBackwardData, dx->untyped_data(), w.untyped_data(),
+              dy.untyped_data());
+    RunKernelGradient(pool, s, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
+  } catch (const std::exception& e) {
+    return Failure(e);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buffer>()  // x
+                                  .Arg<F32Buffer>()  // w
+                                  .Ret<F32Buffer>()  // y
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Buffer>()  // x
+                                  .Arg<F32Buffer>()  // w
+                                  .Arg<F32Buffer>()  // dy
+                                  .Ret<F32Buffer>()  // dx
+                                  .Ret<F32Buffer>()  // dw
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right"));
