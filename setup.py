@@ -50,8 +50,8 @@ setup(
         "pillow>=10.0",
         "matplotlib>=3.8",
         "safetensors>=0.4",
-        _ONEDNN_MARKER.join(["onednn-cpu-gomp==2023.2.0", ""]),
-        _ONEDNN_MARKER.join(["onednn-devel-cpu-gomp==2023.2.0", ""]),
+        "onednn-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
+        "onednn-devel-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
     ],
     package_data={"diffusion_jax": ["native/*.cc"]},
     extras_require={

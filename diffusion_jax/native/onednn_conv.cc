@@ -87,31 +87,56 @@ struct Plan {
   dnnl::primitive primitive;
   memory::desc kernel_desc;  // oneDNN's layout of the kernel (or of its gradient)
   bool reorder;              // whether that layout differs from HWIO
+  memory::desc scratchpad;   // working memory, allocated per execution
 };
+
+// Primitives run concurrently on several threads, so each execution gets its own
+// working memory ("user" scratchpad): oneDNN's default library-managed scratchpad is
+// shared between primitives and gave wrong results when they ran at the same time.
+dnnl::primitive_attr OwnScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// Executes `primitive` with `args` and a scratchpad of its own on `stream`.
+void Execute(const dnnl::primitive& primitive, const memory::desc& scratchpad,
+             std::unordered_map<int, memory> args, dnnl::stream& stream) {
+  args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad, Engine()));
+  primitive.execute(stream, args);
+}
+
+// Copies `from` into `to` (a layout change), on the calling thread.
+void Reorder(memory& from, memory& to, dnnl::stream& stream) {
+  dnnl::reorder::primitive_desc pd(from, to, OwnScratchpad());
+  Execute(dnnl::reorder(pd), pd.scratchpad_desc(), {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}},
+          stream);
+}
 
 // Builds a primitive; call with OpenMP limited to one thread (oneDNN plans for it).
 Plan MakePlan(const Shape& s, Part part) {
   const memory::dims strides{s.sh, s.sw}, pad_l{s.pt, s.pl}, pad_r{s.pb, s.pr};
   const memory::desc hwio = Kernel(s, Tag::hwio);
+  const dnnl::primitive_attr attr = OwnScratchpad();
   dnnl::convolution_forward::primitive_desc forward(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Images(s), Kernel(s, Tag::any), OutImages(s), strides, pad_l, pad_r);
+      Images(s), Kernel(s, Tag::any), OutImages(s), strides, pad_l, pad_r, attr);
   if (part == kForward) {
     return Plan{dnnl::convolution_forward(forward), forward.weights_desc(),
-                forward.weights_desc() != hwio};
+                forward.weights_desc() != hwio, forward.scratchpad_desc()};
   }
   if (part == kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, Images(s), Kernel(s, Tag::any),
-        OutImages(s), strides, pad_l, pad_r, forward);
+        OutImages(s), strides, pad_l, pad_r, forward, attr);
     return Plan{dnnl::convolution_backward_data(pd), pd.weights_desc(),
-                pd.weights_desc() != hwio};
+                pd.weights_desc() != hwio, pd.scratchpad_desc()};
   }
   dnnl::convolution_backward_weights::primitive_desc pd(
       Engine(), dnnl::algorithm::convolution_direct, Images(s), Kernel(s, Tag::any),
-      OutImages(s), strides, pad_l, pad_r, forward);
+      OutImages(s), strides, pad_l, pad_r, forward, attr);
   return Plan{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
-              pd.diff_weights_desc() != hwio};
+              pd.diff_weights_desc() != hwio, pd.scratchpad_desc()};
 }
 
 const Plan& GetPlan(const Shape& s, Part part) {
@@ -213,7 +238,7 @@ memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data,
   if (!plan.reorder) return hwio;
   storage->push_back(std::make_unique<memory>(plan.kernel_desc, Engine()));
   dnnl::stream stream(Engine());
-  dnnl::reorder(hwio, *storage->back()).execute(stream, hwio, *storage->back());
+  Reorder(hwio, *storage->back(), stream);
   stream.wait();
   return *storage->back();
 }
@@ -241,14 +266,16 @@ void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* 
     memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
     memory out(OutImages(slice), Engine(), Offset(y, slices.start(i) * out_items));
     dnnl::stream stream(Engine());
+    const Plan& plan = *plans[i];
     if (part == kForward) {
-      plans[i]->primitive.execute(stream, {{DNNL_ARG_SRC, images},
-                                           {DNNL_ARG_WEIGHTS, kernels[i]},
-                                           {DNNL_ARG_DST, out}});
+      Execute(plan.primitive, plan.scratchpad,
+              {{DNNL_ARG_SRC, images}, {DNNL_ARG_WEIGHTS, kernels[i]}, {DNNL_ARG_DST, out}},
+              stream);
     } else {
-      plans[i]->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, images},
-                                           {DNNL_ARG_WEIGHTS, kernels[i]},
-                                           {DNNL_ARG_DIFF_DST, out}});
+      Execute(plan.primitive, plan.scratchpad,
+              {{DNNL_ARG_DIFF_SRC, images}, {DNNL_ARG_WEIGHTS, kernels[i]},
+               {DNNL_ARG_DIFF_DST, out}},
+              stream);
     }
     stream.wait();
   });
@@ -276,10 +303,11 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
     memory hwio(Kernel(s, Tag::hwio), Engine(), target);
     memory kernel = plan.reorder ? memory(plan.kernel_desc, Engine()) : hwio;
     dnnl::stream stream(Engine());
-    plan.primitive.execute(stream, {{DNNL_ARG_SRC, images},
-                                    {DNNL_ARG_DIFF_WEIGHTS, kernel},
-                                    {DNNL_ARG_DIFF_DST, grads}});
-    if (plan.reorder) dnnl::reorder(kernel, hwio).execute(stream, kernel, hwio);
+    Execute(plan.primitive, plan.scratchpad,
+            {{DNNL_ARG_SRC, images}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
+             {DNNL_ARG_DIFF_DST, grads}},
+            stream);
+    if (plan.reorder) Reorder(kernel, hwio, stream);
     stream.wait();
   });
   float* out = static_cast<float*>(dw);
