@@ -8,7 +8,9 @@ transposed convolution; kernel gradient by each method of `conv.conv3x3`; on CPU
 at most `conv.PATCHES_MAX_POSITIONS` output positions get the parts of the patch product that
 `conv.conv3x3` runs there, and "kernel grad (xla)" is its kernel gradient) and the same
 parts in PyTorch (`conv2d` forward, `torch.nn.grad.conv2d_input/weight`, what its
-autograd runs). Times times counts give each part's cost per train step, in ms and
+autograd runs). Where `conv.conv3x3` runs float32 convolutions through oneDNN
+(`models/onednn.py`: CPU, one device), its two calls are timed too: the forward and both
+gradients in one call (compare with the sum of the XLA or PyTorch gradient rows). Times times counts give each part's cost per train step, in ms and
 GFLOP/s, next to the measured matmul peak. CPU time (both threads) is printed too: on
 a shared machine it moves less with other load than wall time does.
 """
@@ -29,6 +31,7 @@ from benchmarks import harness
 from diffusion_jax import compiler_options
 from diffusion_jax import models
 from diffusion_jax.models import conv
+from diffusion_jax.models import onednn
 
 
 def conv_shapes(unet_config: models.UNetConfig, batch: int) -> collections.Counter:
@@ -80,7 +83,8 @@ def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
   out_hw = tuple(-(-s // stride) for s in x_shape[1:3])
   g = jnp.asarray(rng.standard_normal((x_shape[0],) + out_hw + (cout,)), jnp.float32)
   jit = functools.partial(jax.jit, compiler_options=compiler_options.for_default_backend())
-  forward = jit(lambda x, w: conv.conv3x3(x, w, stride))
+  with conv.cpu_library("xla"):  # XLA's forward (traced here: the choice acts at tracing)
+    forward = jit(lambda x, w: conv.conv3x3(x, w, stride)).lower(x, kernel).compile()
   x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
   input_grad = jit(lambda w, g: conv._input_grad(w, g, stride, x_aval))  # pylint: disable=protected-access
   grad_matmul = jit(lambda x, g: conv.kernel_grad_matmul(x, g, stride))
@@ -94,6 +98,12 @@ def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
   fns = {"forward": lambda: forward(x, kernel), "input grad": lambda: input_grad(kernel, g),
          "kernel grad (matmul)": lambda: grad_matmul(x, g),
          "kernel grad (xla)": lambda: grad_xla(x, g)}
+  if conv.onednn_enabled():
+    padding = (conv.same_padding(x_shape[1], stride), conv.same_padding(x_shape[2], stride))
+    dnn_forward = jit(lambda x, w: onednn.conv_forward(x, w, stride, padding))
+    dnn_backward = jit(lambda x, w, g: onednn.conv_backward(x, w, g, stride, padding))
+    fns["oneDNN forward"] = lambda: dnn_forward(x, kernel)
+    fns["oneDNN both gradients"] = lambda: dnn_backward(x, kernel, g)
   if torch is not None:
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
     tw = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
@@ -141,9 +151,10 @@ def main(argv=None):
     flops = 2.0 * out_pixels * 9 * x_shape[-1] * cout
     times = _time(part_functions(x_shape, cout, stride, torch), args.repeats)
     for name, (wall, cpu) in times.items():
+      parts = 2 if name == "oneDNN both gradients" else 1
       totals[name][0] += count * wall
       totals[name][1] += count * cpu
-      totals[name][2] += count * flops
+      totals[name][2] += count * flops * parts
       if args.verbose:
         print(f"{x_shape} -> {cout} s{stride} x{count}: {name} {wall * 1e3:.2f} ms "
               f"({flops / wall / 1e9:.0f} GFLOP/s)")

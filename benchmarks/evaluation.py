@@ -245,7 +245,8 @@ def main(argv=None):
   notes.append(note)
   notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating, "
                f"{harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
-               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
+               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads; "
+               f"{harness.convolution_library()}.")
   notes.append("peak mem ours: XLA's planned bytes (arguments + outputs + temporaries); "
                "peer: parameters + the RSS high-water delta of its first run.")
   harness.print_table("Evaluation", rows, peaks, load_before, harness.load_average(), notes)

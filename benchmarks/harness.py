@@ -60,6 +60,16 @@ def machine_line() -> str:
           f"{kind})")
 
 
+def convolution_library() -> str:
+  """Which library runs our U-Net's 3x3 convolutions in float32 here, for the notes."""
+  from diffusion_jax.models import conv  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    return f"our convolutions: XLA's on {jax.default_backend()}"
+  if conv.onednn_enabled():
+    return "our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py)"
+  return "our convolutions: XLA:CPU's own"
+
+
 def block(tree):
   """Waits for every JAX array in `tree` (torch results are synchronous on CPU)."""
   return jax.block_until_ready(tree)

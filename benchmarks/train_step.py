@@ -146,7 +146,8 @@ def main(argv=None):
                  f"counts 3 forwards.")
   notes.append(f"median of {args.repeats} timed steps after 1 warm-up, ours and peer "
                f"alternating, {harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
-               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
+               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads; "
+               f"{harness.convolution_library()}.")
   notes.append("peak mem ours: XLA's planned bytes of the step (arguments + outputs + "
                "temporaries - donated), or the device's peak on an accelerator; peer: "
                "parameters, EMA and Adam moments + the RSS high-water delta of its first "

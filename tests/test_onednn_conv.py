@@ -11,6 +11,7 @@ The session runs with 8 fake CPU devices, where `conv3x3` leaves oneDNN off by d
 `conv.cpu_library("onednn")`; one test checks the default in a one-device process.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -113,6 +114,20 @@ def test_grad_under_vmap_matches_numpy_per_example():
     dws = jax.jit(jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None, 0)))(xs, w, g)
   for k in range(3):
     assert _rel(dws[k], numpy_conv_and_grads(xs[k], w, g[k], 1)[2]) < 2e-6
+
+
+def test_the_callers_openmp_thread_count_is_left_as_it_was():
+  # The handlers set OpenMP thread counts on the threads that run them, XLA's or (for
+  # operations XLA runs inline) the caller's; PyTorch shares the process's libgomp.so.1,
+  # so a count left at 1 made its next operations single-threaded.
+  gomp = ctypes.CDLL("libgomp.so.1")
+  gomp.omp_set_num_threads(3)
+  x = jnp.ones((8, 16, 16, 32))
+  w = jnp.ones((3, 3, 32, 32))
+  with conv.cpu_library("onednn"):
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(conv.conv3x3(x, w)), (0, 1)))(x, w)
+  jax.block_until_ready(grads)
+  assert gomp.omp_get_max_threads() == 3
 
 
 def _lowered(library, dtype=jnp.float32):

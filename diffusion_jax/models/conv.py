@@ -22,8 +22,10 @@ in two forms, chosen by `kernel_grad` or the enclosing `kernel_gradient` context
 Forward values are identical in both modes; the gradients agree up to the order of sums.
 
 On CPU, in "xla" mode, float32 convolutions run through oneDNN (`onednn.conv`: forward,
-input and kernel gradient; 15%-40% faster than XLA:CPU's own) when the program sees a
-single device and the library could be built (`onednn.available()`); see `cpu_library`.
+input and kernel gradient; faster than XLA:CPU's own on every shape) when the program
+sees a single device and the library could be built (`onednn.available()`); see
+`cpu_library`. Being a custom VJP, that path has no forward mode: trace under
+`cpu_library("xla")` for jvp.
 Otherwise convolutions with few output positions (at most `PATCHES_MAX_POSITIONS` =
 batch x H' x W': the 4x4 maps of the CIFAR10 network at batch 8) are one matrix product
 of their 3x3 patches (`conv3x3_patches`), where XLA:CPU's convolution is slow, and the
@@ -108,9 +110,9 @@ def _selected_cpu_library() -> str:
   return library
 
 
-def _use_onednn(x: jax.Array, kernel: jax.Array) -> bool:
-  if (jax.default_backend() != "cpu" or x.dtype != jnp.float32
-      or kernel.dtype != jnp.float32):
+def onednn_enabled(dtype=jnp.float32) -> bool:
+  """Whether `conv3x3` traced now, on `dtype` inputs, runs through oneDNN (see `cpu_library`)."""
+  if jax.default_backend() != "cpu" or dtype != jnp.float32:
     return False
   library = _selected_cpu_library()
   if library == "xla" or (library == "auto" and jax.device_count() != 1):
@@ -309,7 +311,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
     raise ValueError(f"stride must be a positive int, got {stride!r}.")
   if kernel_grad == "matmul":
     return _conv3x3_matmul(x, kernel, stride)
-  if _use_onednn(x, kernel):
+  if x.dtype == kernel.dtype and onednn_enabled(x.dtype):
     return onednn.conv(x, kernel, stride, _padding(x.shape, stride))
   if _use_patches(x.shape, stride):
     return conv3x3_patches(x, kernel, stride)

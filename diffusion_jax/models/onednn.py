@@ -1,9 +1,10 @@
 """Float32 convolutions on CPU through oneDNN (the library PyTorch's CPU convolutions use).
 
-XLA:CPU's own convolutions (Eigen) are 15%-40% slower than oneDNN's on the U-Net's shapes
-and its YNNPACK convolutions slower still (`python -m benchmarks.conv_breakdown`,
-`benchmarks/RESULTS.md`). This module compiles `diffusion_jax/native/onednn_conv.cc`, three
-XLA FFI handlers (the forward, and both gradients in one call) over oneDNN, against the
+XLA:CPU's own convolutions (Eigen) are slower than oneDNN's on every shape of the U-Net
+(timed alone: 10%-20% on the large maps, up to 3x on strided ones and those with three
+channels; `benchmarks/RESULTS.md`), and its YNNPACK convolutions slower still. This
+module compiles `diffusion_jax/native/onednn_conv.cc`, two XLA FFI handlers (the
+forward, and both gradients in one call) over oneDNN, against the
 oneDNN of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` packages and the FFI headers of
 the installed jaxlib, once per machine into a cache folder (a few seconds; then loaded),
 and exposes them as `conv`, a `jax.custom_vjp` of NHWC images and HWIO kernels.

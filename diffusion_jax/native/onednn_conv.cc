@@ -10,11 +10,13 @@
 // Threads: XLA:CPU runs independent operations of a program at the same time on its own
 // thread pool. oneDNN's OpenMP parallelism would add a second set of threads that
 // wait for each other at barriers while XLA's threads hold the cores (measured: the
-// same convolutions took up to 1.7x their time alone inside a train step). So oneDNN
-// runs single-threaded here, and the work is shared out on XLA's pool instead: the batch
-// is cut into one slice per pool thread, the calling thread and tasks scheduled on the
-// pool take slices until none is left (a busy pool leaves them all to the caller), and
-// the kernel gradient sums the slices' partial gradients.
+// same convolutions took up to 1.7x their time alone inside a train step). So the work
+// is shared out on XLA's pool instead: the batch is cut into one slice per pool thread,
+// the calling thread and tasks scheduled on the pool take slices until none is left (a
+// busy pool leaves them all to the caller), and the kernel gradient sums the slices'
+// partial gradients. oneDNN runs each slice single-threaded, unless the batch has fewer
+// images than the pool has threads: then each slice gets pool threads / slices OpenMP
+// threads, so that small batches still use every core.
 //
 // Images stay NHWC; oneDNN picks its preferred kernel layout and the kernel (or its
 // gradient) is reordered to or from HWIO once per call. Primitives are built once per
@@ -58,11 +60,13 @@ struct Shape {
   int64_t n, h, w, cin, kh, kw, cout, oh, ow, sh, sw, pt, pb, pl, pr;
 };
 
-using Key = std::array<int64_t, 16>;
+using Key = std::array<int64_t, 17>;
 
+// oneDNN plans a primitive for the OpenMP thread count at its creation, so the count is
+// part of the key.
 Key MakeKey(const Shape& s, Part part) {
-  return Key{s.n, s.h, s.w, s.cin, s.kh, s.kw, s.cout, s.oh, s.ow,
-             s.sh, s.sw, s.pt, s.pb, s.pl, s.pr, part};
+  return Key{s.n,  s.h,  s.w,  s.cin, s.kh, s.kw, s.cout, s.oh, s.ow,
+             s.sh, s.sw, s.pt, s.pb,  s.pl, s.pr, part, omp_get_max_threads()};
 }
 
 struct KeyHash {
@@ -151,12 +155,28 @@ const Plan& GetPlan(const Shape& s, Part part) {
   return *it->second;
 }
 
-void SingleThreaded() { omp_set_num_threads(1); }
+
+// Sets the calling thread's OpenMP thread count for its lifetime, then restores it: the
+// threads are XLA's (or the caller's own, when XLA runs an operation inline), and their
+// setting is shared with other OpenMP users in the process (PyTorch loads the same
+// libgomp.so.1).
+class OmpThreads {
+ public:
+  explicit OmpThreads(int threads) : saved_(omp_get_max_threads()) {
+    omp_set_num_threads(threads);
+  }
+  ~OmpThreads() { omp_set_num_threads(saved_); }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  int saved_;
+};
 
 // Runs task(i) for i in [0, count): the calling thread and count - 1 tasks scheduled on
 // XLA's pool claim indices until none is left; returns when all have finished. The
 // first error (a oneDNN exception) is rethrown as a message.
-void ParallelFor(ffi::ThreadPool& pool, int64_t count,
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, int threads_per_task,
                  const std::function<void(int64_t)>& task) {
   struct State {
     std::atomic<int64_t> next{0};
@@ -166,8 +186,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count,
     std::string error;
   };
   auto state = std::make_shared<State>();
-  auto work = [state, count, task]() {
-    SingleThreaded();
+  auto work = [state, count, threads_per_task, task]() {
+    OmpThreads threads(threads_per_task);
     for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
       std::string error;
       try {
@@ -212,16 +232,20 @@ ffi::Error MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return ffi::Error::Success();
 }
 
-// The batch cut into `slices` near-equal slices: slice i is [start(i), start(i + 1)).
+// The batch cut into `count` near-equal slices: slice i is [start(i), start(i + 1)),
+// each computed with `threads` OpenMP threads.
 struct Slices {
   int64_t batch, count;
+  int threads;
   int64_t start(int64_t i) const { return batch * i / count; }
   int64_t size(int64_t i) const { return start(i + 1) - start(i); }
 };
 
+// One slice per pool thread (fewer for small batches).
 Slices SliceBatch(ffi::ThreadPool& pool, int64_t batch) {
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  return Slices{batch, std::max<int64_t>(std::min(batch, threads), 1)};
+  const int64_t count = std::max<int64_t>(std::min(batch, threads), 1);
+  return Slices{batch, count, static_cast<int>(std::max<int64_t>(threads / count, 1))};
 }
 
 Shape WithBatch(Shape s, int64_t n) {
@@ -246,8 +270,8 @@ memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data,
 // Forward (kForward) or input gradient (kBackwardData) over batch slices.
 void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* w,
                void* y) {
-  SingleThreaded();
   const Slices slices = SliceBatch(pool, s.n);
+  OmpThreads threads(slices.threads);  // for the plans and the kernel reorders
   // Plans per slice size (at most two sizes); the kernel reordered once per layout.
   std::vector<const Plan*> plans(slices.count);
   std::vector<memory> kernels(slices.count);
@@ -261,7 +285,7 @@ void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* 
     kernels[i] = same >= 0 ? kernels[same] : PlanKernel(*plans[i], s, w, &storage);
   }
   const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
-  ParallelFor(pool, slices.count, [&](int64_t i) {
+  ParallelFor(pool, slices.count, slices.threads, [&](int64_t i) {
     const Shape slice = WithBatch(s, slices.size(i));
     memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
     memory out(OutImages(slice), Engine(), Offset(y, slices.start(i) * out_items));
@@ -284,8 +308,8 @@ void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* 
 // Kernel gradient: one partial gradient per batch slice (HWIO), summed into dw.
 void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
                        void* dw) {
-  SingleThreaded();
   const Slices slices = SliceBatch(pool, s.n);
+  OmpThreads threads(slices.threads);  // for the plans and the kernel reorders
   const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
   std::vector<std::vector<float>> partials(slices.count - 1,
                                            std::vector<float>(kernel_items));
@@ -294,7 +318,7 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
     plans[i] = &GetPlan(WithBatch(s, slices.size(i)), kBackwardWeights);
   }
   const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
-  ParallelFor(pool, slices.count, [&](int64_t i) {
+  ParallelFor(pool, slices.count, slices.threads, [&](int64_t i) {
     const Shape slice = WithBatch(s, slices.size(i));
     const Plan& plan = *plans[i];
     void* target = i == 0 ? dw : partials[i - 1].data();
@@ -310,7 +334,7 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
     if (plan.reorder) Reorder(kernel, hwio, stream);
     stream.wait();
   });
-  float* out = static_cast<float*>(dw);
+  float* out = static_cast<float*>(dw);  // dw = the sum of the slices' gradients
   for (const std::vector<float>& partial : partials) {
     for (int64_t k = 0; k < kernel_items; ++k) out[k] += partial[k];
   }
