@@ -14,7 +14,9 @@ summed over both worker threads, so shares, not sums, compare with wall time.
 
 XLA's own CPU convolutions (the project's CPU compiler options) run on Eigen's thread
 pool after their thunk has started them: their events cover the launch, not the work, so
-the convolution rows understate them; `benchmarks.conv_breakdown` times them alone.
+the convolution rows understate them; `benchmarks.conv_breakdown` times them alone. The
+oneDNN convolutions (`ffi_call` rows, where `conv.conv3x3` uses them) are the other way
+round: the event lasts the whole call, while the other pool thread works on it too.
 `--instructions N` lists the costliest single instructions with their result shapes.
 """
 
