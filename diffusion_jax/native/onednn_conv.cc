@@ -33,6 +33,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -393,29 +394,33 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy
 
 }  // namespace
 
+namespace {
+
+// The attributes both handlers take after their buffers.
+template <typename Binding>
+auto WithGeometry(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_bottom")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<int64_t>("pad_right");
+}
+
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Buffer>()  // x
-                                  .Arg<F32Buffer>()  // w
-                                  .Ret<F32Buffer>()  // y
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<F32Buffer>()     // x
+                                               .Arg<F32Buffer>()     // w
+                                               .Ret<F32Buffer>()));  // y
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Buffer>()  // x
-                                  .Arg<F32Buffer>()  // w
-                                  .Arg<F32Buffer>()  // dy
-                                  .Ret<F32Buffer>()  // dx
-                                  .Ret<F32Buffer>()  // dw
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<F32Buffer>()     // x
+                                               .Arg<F32Buffer>()     // w
+                                               .Arg<F32Buffer>()     // dy
+                                               .Ret<F32Buffer>()     // dx
+                                               .Ret<F32Buffer>()));  // dw
