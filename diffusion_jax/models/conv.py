@@ -25,11 +25,11 @@ On CPU, in "xla" mode, float32 convolutions run through oneDNN (`onednn.conv`: f
 input and kernel gradient; faster than XLA:CPU's own on every shape) when the program
 sees a single device and the library could be built (`onednn.available()`); see
 `cpu_library`. Being a custom VJP, that path has no forward mode: trace under
-`cpu_library("xla")` for jvp.
-Otherwise convolutions with few output positions (at most `PATCHES_MAX_POSITIONS` =
-batch x H' x W': the 4x4 maps of the CIFAR10 network at batch 8) are one matrix product
-of their 3x3 patches (`conv3x3_patches`), where XLA:CPU's convolution is slow, and the
-rest XLA's convolution; the values agree up to the order of sums.
+`cpu_library("xla")` for jvp. Otherwise convolutions with few output positions (at most
+`PATCHES_MAX_POSITIONS` = batch x H' x W': the 4x4 maps of the CIFAR10 network at batch
+8) are one matrix product of their 3x3 patches (`conv3x3_patches`), where XLA:CPU's
+convolution is slow, and the rest XLA's convolution; the values agree up to the order of
+sums.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator, Literal
-
 import os
+from typing import Iterator, Literal
 
 import jax
 import jax.numpy as jnp

@@ -96,8 +96,9 @@ def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> path
   include = header.parents[2]
   ffi_include = pathlib.Path(jax.ffi.include_dir())
   digest = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), compiler.encode(), importlib.metadata.version("jaxlib").encode(),
-               str(library).encode(), str(ffi_include).encode()):
+  for part in (SOURCE.read_bytes(), compiler.encode(),
+               importlib.metadata.version("jaxlib").encode(), str(library).encode(),
+               str(ffi_include).encode()):
     digest.update(part)
   target = directory / f"onednn_conv-{digest.hexdigest()[:16]}.so"
   if target.exists():
