@@ -27,6 +27,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -95,19 +96,43 @@ struct Plan {
   memory::desc scratchpad;   // working memory, allocated per execution
 };
 
-// Primitives run concurrently on several threads, so each execution gets its own
-// working memory ("user" scratchpad): oneDNN's default library-managed scratchpad is
-// shared between primitives and gave wrong results when they ran at the same time.
+// Primitives run concurrently on several threads, so each execution gets the working
+// memory of its own thread ("user" scratchpad): oneDNN's default library-managed
+// scratchpad is shared between primitives and gave wrong results when they ran at the
+// same time.
 dnnl::primitive_attr OwnScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return attr;
 }
 
-// Executes `primitive` with `args` and a scratchpad of its own on `stream`.
+// The calling thread's working memory for oneDNN, at least `bytes` long (64-byte
+// aligned, grown as needed, kept for the thread's next calls: executions on one thread
+// follow each other, and a fresh allocation per call costs page faults).
+void* ThreadScratch(size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (bytes > buffer.size) {
+    std::free(buffer.data);
+    buffer.size = 0;
+    buffer.data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (buffer.data == nullptr) throw std::bad_alloc();
+    buffer.size = (bytes + 63) / 64 * 64;
+  }
+  return buffer.data;
+}
+
+// Executes `primitive` with `args` and the thread's scratchpad on `stream` (blocking).
 void Execute(const dnnl::primitive& primitive, const memory::desc& scratchpad,
              std::unordered_map<int, memory> args, dnnl::stream& stream) {
-  args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad, Engine()));
+  if (scratchpad.get_size() > 0) {
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 memory(scratchpad, Engine(), ThreadScratch(scratchpad.get_size())));
+  }
   primitive.execute(stream, args);
 }
 
@@ -312,8 +337,9 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
   const Slices slices = SliceBatch(pool, s.n);
   OmpThreads threads(slices.threads);  // for the plans and the kernel reorders
   const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
-  std::vector<std::vector<float>> partials(slices.count - 1,
-                                           std::vector<float>(kernel_items));
+  // Slices after the first write their partial gradients here (no need to zero them).
+  std::vector<std::unique_ptr<float[]>> partials;
+  for (int64_t i = 1; i < slices.count; ++i) partials.emplace_back(new float[kernel_items]);
   std::vector<const Plan*> plans(slices.count);
   for (int64_t i = 0; i < slices.count; ++i) {
     plans[i] = &GetPlan(WithBatch(s, slices.size(i)), kBackwardWeights);
@@ -322,7 +348,7 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
   ParallelFor(pool, slices.count, slices.threads, [&](int64_t i) {
     const Shape slice = WithBatch(s, slices.size(i));
     const Plan& plan = *plans[i];
-    void* target = i == 0 ? dw : partials[i - 1].data();
+    void* target = i == 0 ? dw : partials[i - 1].get();
     memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
     memory grads(OutImages(slice), Engine(), Offset(dy, slices.start(i) * out_items));
     memory hwio(Kernel(s, Tag::hwio), Engine(), target);
@@ -336,7 +362,7 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
     stream.wait();
   });
   float* out = static_cast<float*>(dw);  // dw = the sum of the slices' gradients
-  for (const std::vector<float>& partial : partials) {
+  for (const std::unique_ptr<float[]>& partial : partials) {
     for (int64_t k = 0; k < kernel_items; ++k) out[k] += partial[k];
   }
 }
