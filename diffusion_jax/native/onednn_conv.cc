@@ -93,7 +93,7 @@ struct Plan {
   dnnl::primitive primitive;
   memory::desc kernel_desc;  // oneDNN's layout of the kernel (or of its gradient)
   bool reorder;              // whether that layout differs from HWIO
-  memory::desc scratchpad;   // working memory, allocated per execution
+  memory::desc scratchpad;   // the working memory an execution needs
 };
 
 // Primitives run concurrently on several threads, so each execution gets the working
@@ -281,16 +281,16 @@ Shape WithBatch(Shape s, int64_t n) {
 
 float* Offset(void* data, int64_t items) { return static_cast<float*>(data) + items; }
 
-// The kernel in the layout `plan` wants: HWIO itself, or a reordered copy in `storage`.
-memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data,
-                  std::vector<std::unique_ptr<memory>>* storage) {
+// The kernel in the layout `plan` wants: HWIO itself, or a reordered copy (a memory
+// handle owns its buffer while any copy of the handle lives).
+memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data) {
   memory hwio(Kernel(s, Tag::hwio), Engine(), hwio_data);
   if (!plan.reorder) return hwio;
-  storage->push_back(std::make_unique<memory>(plan.kernel_desc, Engine()));
+  memory reordered(plan.kernel_desc, Engine());
   dnnl::stream stream(Engine());
-  Reorder(hwio, *storage->back(), stream);
+  Reorder(hwio, reordered, stream);
   stream.wait();
-  return *storage->back();
+  return reordered;
 }
 
 // Forward (kForward) or input gradient (kBackwardData) over batch slices.
@@ -301,14 +301,13 @@ void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* 
   // Plans per slice size (at most two sizes); the kernel reordered once per layout.
   std::vector<const Plan*> plans(slices.count);
   std::vector<memory> kernels(slices.count);
-  std::vector<std::unique_ptr<memory>> storage;
   for (int64_t i = 0; i < slices.count; ++i) {
     plans[i] = &GetPlan(WithBatch(s, slices.size(i)), part);
     int64_t same = -1;
     for (int64_t j = 0; j < i && same < 0; ++j) {
       if (plans[j]->kernel_desc == plans[i]->kernel_desc) same = j;
     }
-    kernels[i] = same >= 0 ? kernels[same] : PlanKernel(*plans[i], s, w, &storage);
+    kernels[i] = same >= 0 ? kernels[same] : PlanKernel(*plans[i], s, w);
   }
   const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
   ParallelFor(pool, slices.count, slices.threads, [&](int64_t i) {
@@ -316,17 +315,12 @@ void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* 
     memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
     memory out(OutImages(slice), Engine(), Offset(y, slices.start(i) * out_items));
     dnnl::stream stream(Engine());
-    const Plan& plan = *plans[i];
-    if (part == kForward) {
-      Execute(plan.primitive, plan.scratchpad,
-              {{DNNL_ARG_SRC, images}, {DNNL_ARG_WEIGHTS, kernels[i]}, {DNNL_ARG_DST, out}},
-              stream);
-    } else {
-      Execute(plan.primitive, plan.scratchpad,
-              {{DNNL_ARG_DIFF_SRC, images}, {DNNL_ARG_WEIGHTS, kernels[i]},
-               {DNNL_ARG_DIFF_DST, out}},
-              stream);
-    }
+    const bool forward = part == kForward;
+    Execute(plans[i]->primitive, plans[i]->scratchpad,
+            {{forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, images},
+             {DNNL_ARG_WEIGHTS, kernels[i]},
+             {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}},
+            stream);
     stream.wait();
   });
 }
