@@ -53,7 +53,7 @@ setup(
         "onednn-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
         "onednn-devel-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
     ],
-    package_data={"diffusion_jax": ["native/*.cc"]},
+    package_data={"diffusion_jax": ["native/*.cc", "native/*.h"]},
     extras_require={
         "test": [
             "pytest>=8",

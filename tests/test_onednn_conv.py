@@ -49,7 +49,10 @@ def _windows(x_pad, stride, out_h, out_w):
 
 
 def numpy_conv_and_grads(x, w, g, stride):
-  """float64 y = conv(x, w) with TF "SAME" padding, and dx, dw for output cotangent g."""
+  """float64 y = conv(x, w) with TF "SAME" padding, and dx, dw for output cotangent g.
+
+  (With a bias b, y + b, and db = g summed over batch and positions.)
+  """
   x, w, g = (np.asarray(a, np.float64) for a in (x, w, g))
   (top, bottom), (left, right) = [conv.same_padding(n, stride) for n in x.shape[1:3]]
   x_pad = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
@@ -102,6 +105,50 @@ def test_values_and_both_gradients_match_float64_numpy(batch, height, width, cin
   assert (y.shape, dx.shape, dw.shape) == (want_y.shape, want_dx.shape, want_dw.shape)
   for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
     assert _rel(got, want) < 2e-6
+
+
+@pytest.mark.parametrize("batch,height,width,cin,cout,stride", GEOMETRIES[1:5])
+def test_bias_inside_the_convolution_and_its_gradient(batch, height, width, cin, cout,
+                                                      stride):
+  rng = np.random.default_rng(batch * 10 + cin)
+  x = rng.standard_normal((batch, height, width, cin)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  b = rng.standard_normal(cout).astype(np.float32)
+  out = (batch, -(-height // stride), -(-width // stride), cout)
+  g = rng.standard_normal(out).astype(np.float32)
+  want_y, want_dx, want_dw = numpy_conv_and_grads(x, w, g, stride)
+  want_y = want_y + b
+  want_db = np.asarray(g, np.float64).sum(axis=(0, 1, 2))
+  with conv.cpu_library("onednn"):
+    f = lambda x, w, b: conv.conv3x3(x, w, stride, bias=b)
+    y, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, w, b)
+    dx, dw, db = jax.jit(vjp)(jnp.asarray(g))
+    hlo = jax.jit(f).lower(x, w, b).as_text()
+  assert TARGET in hlo and "add" not in hlo.split(TARGET)[-1]  # no separate bias pass
+  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw), (db, want_db)):
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    assert _rel(got, want) < 2e-6
+
+
+@pytest.mark.parametrize("batch,size,cin,cout", [(1, 4, 8, 5), (3, 8, 12, 16),
+                                                 (5, 4, 64, 32)])
+def test_1x1_convolution_matches_float64_numpy(batch, size, cin, cout):
+  rng = np.random.default_rng(cin)
+  x = rng.standard_normal((batch, size, size, cin)).astype(np.float32)
+  w = rng.standard_normal((cin, cout)).astype(np.float32)
+  b = rng.standard_normal(cout).astype(np.float32)
+  g = rng.standard_normal((batch, size, size, cout)).astype(np.float32)
+  x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+  want = (x64 @ w64 + b, g64 @ w64.T, np.einsum("bhwc,bhwo->co", x64, g64),
+          g64.sum(axis=(0, 1, 2)))
+  for library in ("onednn", "xla"):
+    with conv.cpu_library(library):
+      y, vjp = jax.jit(lambda *a: jax.vjp(conv.conv1x1, *a))(x, w, b)
+      grads = jax.jit(vjp)(jnp.asarray(g))
+      hlo = jax.jit(lambda *a: conv.conv1x1(*a)).lower(x, w, b).as_text()
+    assert (TARGET in hlo) == (library == "onednn")
+    for got, w_ in zip((y,) + grads, want):
+      assert got.shape == w_.shape and _rel(got, w_) < 2e-6, library
 
 
 def test_grad_under_vmap_matches_numpy_per_example():

@@ -282,7 +282,8 @@ _conv3x3_matmul.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
-            kernel_grad: KernelGradient | None = None) -> jax.Array:
+            kernel_grad: KernelGradient | None = None,
+            bias: jax.Array | None = None) -> jax.Array:
   """3x3 convolution, TF "SAME" padding (for stride 2 on even sizes: right/bottom only).
 
   Args:
@@ -296,6 +297,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
       derivatives only), else those with at most `PATCHES_MAX_POSITIONS` output
       positions through `conv3x3_patches` (same values up to the order of sums; its
       derivatives are JAX's too).
+    bias: [Cout] float32 added to the output (through oneDNN: inside its convolution,
+      and its gradient with the kernel's), or None.
 
   Returns:
     [B, ceil(H / stride), ceil(W / stride), Cout] float32 (products accumulate in float32;
@@ -308,10 +311,40 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1, *,
   _check_mode(kernel_grad)
   if not isinstance(stride, int) or stride < 1:
     raise ValueError(f"stride must be a positive int, got {stride!r}.")
+  if kernel_grad == "xla" and x.dtype == kernel.dtype and onednn_enabled(x.dtype):
+    return onednn.conv(x, kernel, stride, _padding(x.shape, stride),
+                       None if bias is None else bias.astype(jnp.float32))
   if kernel_grad == "matmul":
-    return _conv3x3_matmul(x, kernel, stride)
+    y = _conv3x3_matmul(x, kernel, stride)
+  elif _use_patches(x.shape, stride):
+    y = conv3x3_patches(x, kernel, stride)
+  else:
+    y = _conv(x, kernel, stride, _padding(x.shape, stride))
+  return y if bias is None else y + bias.astype(y.dtype)
+
+
+def conv1x1(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x @ kernel + bias per pixel (the official `nin`): a 1x1 convolution.
+
+  Through oneDNN where `conv3x3` would use it (CPU, float32, see `cpu_library`): its 1x1
+  convolution with the bias inside is faster on CPU than XLA:CPU's matrix product
+  followed by the bias pass, and takes the transposes of the gradients' products
+  inside. Otherwise `lax.dot_general`.
+
+  Args:
+    x: [B, H, W, Cin] (float32 or bfloat16).
+    kernel: [Cin, Cout] in the dtype of `x`.
+    bias: [Cout] float32.
+
+  Returns:
+    [B, H, W, Cout] float32 (float64 for float64 inputs).
+  """
+  if x.ndim != 4 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+    raise ValueError(f"conv1x1 expects x [B, H, W, Cin] and kernel [Cin, Cout]; got "
+                     f"{tuple(x.shape)} and {tuple(kernel.shape)}.")
   if x.dtype == kernel.dtype and onednn_enabled(x.dtype):
-    return onednn.conv(x, kernel, stride, _padding(x.shape, stride))
-  if _use_patches(x.shape, stride):
-    return conv3x3_patches(x, kernel, stride)
-  return _conv(x, kernel, stride, _padding(x.shape, stride))
+    return onednn.conv(x, kernel[None, None], 1, ((0, 0), (0, 0)),
+                       bias.astype(jnp.float32))
+  y = lax.dot_general(x, kernel, (((3,), (0,)), ((), ())),
+                      preferred_element_type=_accumulation_dtype(x.dtype))
+  return y + bias.astype(y.dtype)

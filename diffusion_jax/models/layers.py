@@ -119,8 +119,9 @@ class Conv3x3(nn.Module):
     kernel = self.param("kernel", default_init(self.init_scale),
                         (3, 3, x.shape[-1], self.features), jnp.float32)  # HWIO
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    y = conv.conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
-    return (y + bias).astype(self.dtype)
+    y = conv.conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                     bias=bias)
+    return y.astype(self.dtype)
 
 
 class Dense(nn.Module):
@@ -140,6 +141,9 @@ class Dense(nn.Module):
     kernel = self.param("kernel", default_init(self.init_scale),
                         (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    if x.ndim == 4:  # [B, H, W, C]: a 1x1 convolution (through oneDNN on CPU)
+      return conv.conv1x1(x.astype(self.dtype), kernel.astype(self.dtype),
+                          bias).astype(self.dtype)
     y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                         (((x.ndim - 1,), (0,)), ((), ())),
                         preferred_element_type=jnp.float32)

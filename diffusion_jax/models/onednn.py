@@ -4,10 +4,12 @@ XLA:CPU's own convolutions (Eigen) are slower than oneDNN's on every shape of th
 (timed alone: 10%-20% on the large maps, up to 3x on strided ones and those with three
 channels; `benchmarks/RESULTS.md`), and its YNNPACK convolutions slower still. This
 module compiles `diffusion_jax/native/onednn_conv.cc`, two XLA FFI handlers (the
-forward, and both gradients in one call) over oneDNN, against the
+forward with its bias, and the three gradients in one call) over oneDNN, against the
 oneDNN of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` packages and the FFI headers of
 the installed jaxlib, once per machine into a cache folder (a few seconds; then loaded),
-and exposes them as `conv`, a `jax.custom_vjp` of NHWC images and HWIO kernels.
+and exposes them as `conv`, a `jax.custom_vjp` of NHWC images, HWIO kernels and a bias
+per output channel (added, and its gradient summed, inside oneDNN's own passes: no extra
+pass over the output in XLA).
 
 `available()` says whether the library could be built and loaded; if not (no C++
 compiler, packages missing, not Linux x86-64), it logs the reason and the fix once and
@@ -35,14 +37,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).resolve().parent.parent / "native" / "onednn_conv.cc"
+NATIVE = pathlib.Path(__file__).resolve().parent.parent / "native"
+SOURCE = NATIVE / "onednn_conv.cc"
+# Compiled into the same library: the GroupNorm handlers (models/native_norm.py), which
+# need no oneDNN but share the build, the cache and the availability check.
+SOURCES = (SOURCE, NATIVE / "group_norm.cc")
+HEADERS = (NATIVE / "parallel_for.h",)
 LIBRARY_DIST = "onednn-cpu-gomp"
 HEADERS_DIST = "onednn-devel-cpu-gomp"
 _TARGETS = {  # FFI target name -> symbol in the compiled library
     "diffusion_jax_onednn_conv_forward": "DjOnednnConvForward",
     "diffusion_jax_onednn_conv_backward": "DjOnednnConvBackward",
+    "diffusion_jax_group_norm_forward": "DjGroupNormForward",
+    "diffusion_jax_group_norm_backward": "DjGroupNormBackward",
 }
-_FORWARD, _BACKWARD = _TARGETS
+_FORWARD, _BACKWARD = list(_TARGETS)[:2]
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -76,11 +85,23 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "diffusion_jax"
 
 
+def _cpu_identity() -> bytes:
+  """The CPU's model and feature flags (the library is compiled for this CPU's
+  instruction set, so a cache folder shared by different machines keeps one per CPU)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+  except OSError:
+    lines = []
+  return "".join(sorted(set(lines))).encode()
+
+
 def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> pathlib.Path:
   """Compiles the FFI handlers (unless already compiled); returns the shared library.
 
-  The file name carries a hash of the source, the compiler, jaxlib's version and the
-  oneDNN library, so a change of any of them compiles anew. Concurrent processes each
+  The file name carries a hash of the sources, the compiler, jaxlib's version, the oneDNN
+  library and the CPU (compiled with -march=native), so a change of any of them compiles
+  anew. Concurrent processes each
   compile to a temporary file and rename it into place (atomic).
 
   Raises:
@@ -96,9 +117,9 @@ def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> path
   include = header.parents[2]
   ffi_include = pathlib.Path(jax.ffi.include_dir())
   digest = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), compiler.encode(),
+  for part in (*(f.read_bytes() for f in SOURCES + HEADERS), compiler.encode(),
                importlib.metadata.version("jaxlib").encode(), str(library).encode(),
-               str(ffi_include).encode()):
+               str(ffi_include).encode(), _cpu_identity()):
     digest.update(part)
   target = directory / f"onednn_conv-{digest.hexdigest()[:16]}.so"
   if target.exists():
@@ -106,14 +127,16 @@ def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> path
   directory.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
   os.close(fd)
-  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-             f"-I{ffi_include}", f"-I{include}", str(SOURCE), "-o", tmp,
+  # -fno-trapping-math: GroupNorm's exp vectorizes only without floating-point traps.
+  command = [compiler, "-O3", "-march=native", "-fno-trapping-math", "-std=c++17",
+             "-shared", "-fPIC", "-fopenmp", "-w", f"-I{ffi_include}", f"-I{include}",
+             *(str(f) for f in SOURCES), "-o", tmp,
              str(library), f"-Wl,-rpath,{library.parent}"]
   logging.info("Compiling the oneDNN convolutions: %s", " ".join(command))
   try:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      raise OnednnUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n"
+      raise OnednnUnavailable(f"compiling {', '.join(f.name for f in SOURCES)} failed ({' '.join(command)}):\n"
                               f"{result.stderr[-2000:]}")
     os.replace(tmp, target)
   finally:
@@ -173,41 +196,49 @@ def _check(name: str, *arrays: jax.Array) -> None:
                        f"{tuple(a.shape)}.")
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, stride: int,
-                 padding: Padding) -> jax.Array:
-  """y = conv(x, kernel): x [B, H, W, Cin], kernel [KH, KW, Cin, Cout] -> [B, H', W', Cout]."""
+def _bias_or_zeros(bias: jax.Array | None, kernel: jax.Array) -> jax.Array:
+  if bias is None:
+    return jnp.zeros(kernel.shape[-1:], jnp.float32)
+  if bias.dtype != jnp.float32 or bias.shape != kernel.shape[-1:]:
+    raise ValueError(f"onednn: the bias must be float32 [{kernel.shape[-1]}] (the "
+                     f"kernel's output channels); got {bias.dtype} {tuple(bias.shape)}.")
+  return bias
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
+                 bias: jax.Array | None = None) -> jax.Array:
+  """y = conv(x, kernel) + bias: x [B, H, W, Cin], kernel [KH, KW, Cin, Cout], bias [Cout]
+  (None: zero) -> [B, H', W', Cout]."""
   _check("conv_forward", x, kernel)
   (top, bottom), (left, right) = padding
   shape = (x.shape[0], _out_size(x.shape[1], top, bottom, kernel.shape[0], stride),
            _out_size(x.shape[2], left, right, kernel.shape[1], stride), kernel.shape[3])
-  return _call(_FORWARD, [shape], x, kernel, stride=stride, padding=padding)[0]
+  return _call(_FORWARD, [shape], x, kernel, _bias_or_zeros(bias, kernel), stride=stride,
+               padding=padding)[0]
 
 
 def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
-                  padding: Padding) -> tuple[jax.Array, jax.Array]:
-  """Both gradients of `conv_forward` for the output cotangent g [B, H', W', Cout].
+                  padding: Padding) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The three gradients of `conv_forward` for the output cotangent g [B, H', W', Cout].
 
   Returns:
-    (dx [B, H, W, Cin], dkernel [KH, KW, Cin, Cout]); dkernel[i, j] = sum over batch and
-    output positions p of x_pad[s p + (i, j)]^T g[p].
+    (dx [B, H, W, Cin], dkernel [KH, KW, Cin, Cout], dbias [Cout]); dkernel[i, j] = sum
+    over batch and output positions p of x_pad[s p + (i, j)]^T g[p], dbias = sum of g
+    over batch and positions.
   """
   _check("conv_backward", x, kernel, g)
-  dx, dw = _call(_BACKWARD, [x.shape, kernel.shape], x, kernel, g, stride=stride,
-                 padding=padding)
-  return dx, dw
+  dx, dw, db = _call(_BACKWARD, [x.shape, kernel.shape, kernel.shape[-1:]], x, kernel, g,
+                     stride=stride, padding=padding)
+  return dx, dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-  """A float32 convolution (NHWC, HWIO, explicit padding) whose three parts run in oneDNN.
-
-  Reverse mode only (grad, vjp, also under vmap); forward mode (jvp) is not defined.
-  """
-  return conv_forward(x, kernel, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv(x, kernel, bias, stride, padding):
+  return conv_forward(x, kernel, stride, padding, bias)
 
 
-def _conv_fwd(x, kernel, stride, padding):
-  return conv_forward(x, kernel, stride, padding), (x, kernel)
+def _conv_fwd(x, kernel, bias, stride, padding):
+  return conv_forward(x, kernel, stride, padding, bias), (x, kernel)
 
 
 def _conv_bwd(stride, padding, residuals, g):
@@ -215,4 +246,23 @@ def _conv_bwd(stride, padding, residuals, g):
   return conv_backward(x, kernel, g.astype(jnp.float32), stride, padding)
 
 
-conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
+         bias: jax.Array | None = None) -> jax.Array:
+  """A float32 convolution (NHWC, HWIO, explicit padding) + bias, all parts in oneDNN.
+
+  Reverse mode only (grad, vjp, also under vmap); forward mode (jvp) is not defined.
+
+  Args:
+    x: [B, H, W, Cin] float32.
+    kernel: [KH, KW, Cin, Cout] float32.
+    stride: the same along H and W.
+    padding: ((top, bottom), (left, right)) zeros.
+    bias: [Cout] float32, or None (zero; its gradient is computed and dropped).
+
+  Returns:
+    [B, H', W', Cout] float32.
+  """
+  return _conv(x, kernel, _bias_or_zeros(bias, kernel), stride, padding)

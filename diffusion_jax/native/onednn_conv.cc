@@ -1,9 +1,10 @@
 // 2-D convolutions of NHWC float32 images with HWIO kernels through oneDNN, as XLA FFI
 // handlers for JAX's CPU backend (diffusion_jax/models/onednn.py builds and registers them).
 //
-// Two handlers:
-//   DjOnednnConvForward   y = conv(x, w)                              x, w     -> y
-//   DjOnednnConvBackward  dx = conv^T_x(dy, w), dw = conv^T_w(x, dy)  x, w, dy -> dx, dw
+// Two handlers (b: a bias per output channel, added in the convolution's own pass):
+//   DjOnednnConvForward   y = conv(x, w) + b                 x, w, b  -> y
+//   DjOnednnConvBackward  dx = conv^T_x(dy, w),              x, w, dy -> dx, dw, db
+//                         dw = conv^T_w(x, dy), db = sum_{n,h,w} dy
 // Attributes: strides (stride_h, stride_w) and explicit zero padding (pad_top,
 // pad_bottom, pad_left, pad_right), as in lax.conv_general_dilated.
 //
@@ -41,8 +42,12 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
+using diffusion_jax::ParallelFor;
+using diffusion_jax::SliceBatch;
+using diffusion_jax::Slices;
 
 namespace {
 
@@ -88,6 +93,7 @@ memory::desc OutImages(const Shape& s) {
 memory::desc Kernel(const Shape& s, Tag tag) {
   return memory::desc({s.cout, s.cin, s.kh, s.kw}, kF32, tag);
 }
+memory::desc Bias(const Shape& s) { return memory::desc({s.cout}, kF32, Tag::a); }
 
 struct Plan {
   dnnl::primitive primitive;
@@ -150,7 +156,7 @@ Plan MakePlan(const Shape& s, Part part) {
   const dnnl::primitive_attr attr = OwnScratchpad();
   dnnl::convolution_forward::primitive_desc forward(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      Images(s), Kernel(s, Tag::any), OutImages(s), strides, pad_l, pad_r, attr);
+      Images(s), Kernel(s, Tag::any), Bias(s), OutImages(s), strides, pad_l, pad_r, attr);
   if (part == kForward) {
     return Plan{dnnl::convolution_forward(forward), forward.weights_desc(),
                 forward.weights_desc() != hwio, forward.scratchpad_desc()};
@@ -164,7 +170,7 @@ Plan MakePlan(const Shape& s, Part part) {
   }
   dnnl::convolution_backward_weights::primitive_desc pd(
       Engine(), dnnl::algorithm::convolution_direct, Images(s), Kernel(s, Tag::any),
-      OutImages(s), strides, pad_l, pad_r, forward, attr);
+      Bias(s), OutImages(s), strides, pad_l, pad_r, forward, attr);
   return Plan{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
               pd.diff_weights_desc() != hwio, pd.scratchpad_desc()};
 }
@@ -199,43 +205,6 @@ class OmpThreads {
   int saved_;
 };
 
-// Runs task(i) for i in [0, count): the calling thread and count - 1 tasks scheduled on
-// XLA's pool claim indices until none is left; returns when all have finished. The
-// first error (a oneDNN exception) is rethrown as a message.
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, int threads_per_task,
-                 const std::function<void(int64_t)>& task) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mutex;
-    std::condition_variable all_done;
-    std::string error;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, count, threads_per_task, task]() {
-    OmpThreads threads(threads_per_task);
-    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
-      std::string error;
-      try {
-        task(i);
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (!error.empty() && state->error.empty()) state->error = error;
-      if (++state->done == count) state->all_done.notify_all();
-    }
-  };
-  for (int64_t i = 1; i < count; ++i) {
-    auto copy = work;
-    pool.Schedule(std::move(copy));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->all_done.wait(lock, [&] { return state->done == count; });
-  if (!state->error.empty()) throw std::runtime_error(state->error);
-}
-
 template <typename T>
 std::string Dims(const T& dims) {
   std::string s = "[";
@@ -258,20 +227,10 @@ ffi::Error MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return ffi::Error::Success();
 }
 
-// The batch cut into `count` near-equal slices: slice i is [start(i), start(i + 1)),
-// each computed with `threads` OpenMP threads.
-struct Slices {
-  int64_t batch, count;
-  int threads;
-  int64_t start(int64_t i) const { return batch * i / count; }
-  int64_t size(int64_t i) const { return start(i + 1) - start(i); }
-};
-
-// One slice per pool thread (fewer for small batches).
-Slices SliceBatch(ffi::ThreadPool& pool, int64_t batch) {
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t count = std::max<int64_t>(std::min(batch, threads), 1);
-  return Slices{batch, count, static_cast<int>(std::max<int64_t>(threads / count, 1))};
+// OpenMP threads per slice: one, unless the batch has fewer images than the pool has
+// threads (then the pool's threads shared among the slices).
+int OmpPerSlice(ffi::ThreadPool& pool, const Slices& slices) {
+  return static_cast<int>(std::max<int64_t>(pool.num_threads() / slices.count, 1));
 }
 
 Shape WithBatch(Shape s, int64_t n) {
@@ -293,11 +252,13 @@ memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data) {
   return reordered;
 }
 
-// Forward (kForward) or input gradient (kBackwardData) over batch slices.
-void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* w,
+// Forward (kForward, adding the bias b) or input gradient (kBackwardData, b unused) over
+// batch slices.
+void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* w, void* b,
                void* y) {
   const Slices slices = SliceBatch(pool, s.n);
-  OmpThreads threads(slices.threads);  // for the plans and the kernel reorders
+  const int omp = OmpPerSlice(pool, slices);
+  OmpThreads threads(omp);  // for the plans and the kernel reorders
   // Plans per slice size (at most two sizes); the kernel reordered once per layout.
   std::vector<const Plan*> plans(slices.count);
   std::vector<memory> kernels(slices.count);
@@ -310,39 +271,47 @@ void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* 
     kernels[i] = same >= 0 ? kernels[same] : PlanKernel(*plans[i], s, w);
   }
   const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
-  ParallelFor(pool, slices.count, slices.threads, [&](int64_t i) {
+  ParallelFor(pool, slices.count, [&](int64_t i) {
+    OmpThreads slice_threads(omp);
     const Shape slice = WithBatch(s, slices.size(i));
     memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
     memory out(OutImages(slice), Engine(), Offset(y, slices.start(i) * out_items));
     dnnl::stream stream(Engine());
     const bool forward = part == kForward;
-    Execute(plans[i]->primitive, plans[i]->scratchpad,
-            {{forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, images},
-             {DNNL_ARG_WEIGHTS, kernels[i]},
-             {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}},
-            stream);
+    std::unordered_map<int, memory> args{
+        {forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, images},
+        {DNNL_ARG_WEIGHTS, kernels[i]},
+        {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}};
+    if (forward) args.emplace(DNNL_ARG_BIAS, memory(Bias(s), Engine(), b));
+    Execute(plans[i]->primitive, plans[i]->scratchpad, std::move(args), stream);
     stream.wait();
   });
 }
 
-// Kernel gradient: one partial gradient per batch slice (HWIO), summed into dw.
-void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
-                       void* dw) {
+// Kernel and bias gradients: one partial gradient per batch slice (the kernel's HWIO,
+// then the bias), summed into dw and db.
+void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy, void* dw,
+                       void* db) {
   const Slices slices = SliceBatch(pool, s.n);
-  OmpThreads threads(slices.threads);  // for the plans and the kernel reorders
+  const int omp = OmpPerSlice(pool, slices);
+  OmpThreads threads(omp);  // for the plans and the kernel reorders
   const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
   // Slices after the first write their partial gradients here (no need to zero them).
   std::vector<std::unique_ptr<float[]>> partials;
-  for (int64_t i = 1; i < slices.count; ++i) partials.emplace_back(new float[kernel_items]);
+  for (int64_t i = 1; i < slices.count; ++i) {
+    partials.emplace_back(new float[kernel_items + s.cout]);
+  }
   std::vector<const Plan*> plans(slices.count);
   for (int64_t i = 0; i < slices.count; ++i) {
     plans[i] = &GetPlan(WithBatch(s, slices.size(i)), kBackwardWeights);
   }
   const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
-  ParallelFor(pool, slices.count, slices.threads, [&](int64_t i) {
+  ParallelFor(pool, slices.count, [&](int64_t i) {
+    OmpThreads slice_threads(omp);
     const Shape slice = WithBatch(s, slices.size(i));
     const Plan& plan = *plans[i];
-    void* target = i == 0 ? dw : partials[i - 1].get();
+    float* target = i == 0 ? static_cast<float*>(dw) : partials[i - 1].get();
+    float* bias_target = i == 0 ? static_cast<float*>(db) : target + kernel_items;
     memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
     memory grads(OutImages(slice), Engine(), Offset(dy, slices.start(i) * out_items));
     memory hwio(Kernel(s, Tag::hwio), Engine(), target);
@@ -350,14 +319,17 @@ void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy,
     dnnl::stream stream(Engine());
     Execute(plan.primitive, plan.scratchpad,
             {{DNNL_ARG_SRC, images}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
+             {DNNL_ARG_DIFF_BIAS, memory(Bias(s), Engine(), bias_target)},
              {DNNL_ARG_DIFF_DST, grads}},
             stream);
     if (plan.reorder) Reorder(kernel, hwio, stream);
     stream.wait();
   });
-  float* out = static_cast<float*>(dw);  // dw = the sum of the slices' gradients
+  float* out = static_cast<float*>(dw);  // dw, db = the sums of the slices' gradients
+  float* bias_out = static_cast<float*>(db);
   for (const std::unique_ptr<float[]>& partial : partials) {
     for (int64_t k = 0; k < kernel_items; ++k) out[k] += partial[k];
+    for (int64_t k = 0; k < s.cout; ++k) bias_out[k] += partial[kernel_items + k];
   }
 }
 
@@ -369,16 +341,26 @@ ffi::Error Failure(const std::exception& e) {
 using F32Buffer = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::ResultBuffer<ffi::F32>;
 
-ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Result y, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+// An error unless `bias` is a vector of the output channels.
+ffi::Error CheckBias(ffi::Span<const int64_t> bias, const Shape& s) {
+  if (bias.size() == 1 && bias[0] == s.cout) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "oneDNN convolution: the bias " + Dims(bias) + " is not [" +
+                        std::to_string(s.cout) + "]");
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer b, F32Result y,
+                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Shape s;
   if (auto e = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
                          pl, pr, &s);
       e.failure()) {
     return e;
   }
+  if (auto e = CheckBias(b.dimensions(), s); e.failure()) return e;
   try {
-    RunImages(pool, s, kForward, x.untyped_data(), w.untyped_data(), y->untyped_data());
+    RunImages(pool, s, kForward, x.untyped_data(), w.untyped_data(), b.untyped_data(),
+              y->untyped_data());
   } catch (const std::exception& e) {
     return Failure(e);
   }
@@ -386,8 +368,8 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Result y, 
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy,
-                    F32Result dx, F32Result dw, int64_t sh, int64_t sw, int64_t pt,
-                    int64_t pb, int64_t pl, int64_t pr) {
+                    F32Result dx, F32Result dw, F32Result db, int64_t sh, int64_t sw,
+                    int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   auto same = [](auto a, auto b) {
     return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
   };
@@ -402,10 +384,12 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy
       e.failure()) {
     return e;
   }
+  if (auto e = CheckBias(db->dimensions(), s); e.failure()) return e;
   try {
-    RunImages(pool, s, kBackwardData, dx->untyped_data(), w.untyped_data(),
+    RunImages(pool, s, kBackwardData, dx->untyped_data(), w.untyped_data(), nullptr,
               dy.untyped_data());
-    RunKernelGradient(pool, s, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
+    RunKernelGradient(pool, s, x.untyped_data(), dy.untyped_data(), dw->untyped_data(),
+                      db->untyped_data());
   } catch (const std::exception& e) {
     return Failure(e);
   }
@@ -435,6 +419,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvForward, Forward,
                                                .Ctx<ffi::ThreadPool>()
                                                .Arg<F32Buffer>()     // x
                                                .Arg<F32Buffer>()     // w
+                                               .Arg<F32Buffer>()     // b
                                                .Ret<F32Buffer>()));  // y
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvBackward, Backward,
                               WithGeometry(ffi::Ffi::Bind()
@@ -443,4 +428,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DjOnednnConvBackward, Backward,
                                                .Arg<F32Buffer>()     // w
                                                .Arg<F32Buffer>()     // dy
                                                .Ret<F32Buffer>()     // dx
-                                               .Ret<F32Buffer>()));  // dw
+                                               .Ret<F32Buffer>()     // dw
+                                               .Ret<F32Buffer>()));  // db
