@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax.models import conv
+from diffusion_jax.models import native_dropout
 from diffusion_jax.models import norm
 
 Dtype = Any
@@ -186,7 +187,9 @@ class Dropout(nn.Module):
   The same masks as `nn.Dropout` under the same name (the same key, and threefry's
   counters are the row-major element index for any shape), but the flat draw compiles
   several times faster on CPU (it removed about 20 s from the CIFAR10 train step's
-  compilation).
+  compilation). On CPU, for float32, where the oneDNN convolutions are used
+  (`conv.onednn_enabled`), the compiled kernel of `native_dropout` draws and applies the
+  mask instead (Philox from the same key: other masks, several times faster).
 
   Attributes:
     rate: the probability of zeroing an element.
@@ -202,6 +205,8 @@ class Dropout(nn.Module):
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     keep = 1.0 - self.rate
+    if x.dtype == jnp.float32 and conv.onednn_enabled(jnp.float32):
+      return native_dropout.dropout(x, self.make_rng("dropout"), self.rate)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.size,))
     return lax.select(mask.reshape(x.shape), x / keep, jnp.zeros_like(x))
 

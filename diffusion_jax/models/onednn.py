@@ -39,9 +39,10 @@ import numpy as np
 
 NATIVE = pathlib.Path(__file__).resolve().parent.parent / "native"
 SOURCE = NATIVE / "onednn_conv.cc"
-# Compiled into the same library: the GroupNorm handlers (models/native_norm.py), which
-# need no oneDNN but share the build, the cache and the availability check.
-SOURCES = (SOURCE, NATIVE / "group_norm.cc")
+# Compiled into the same library: the GroupNorm and dropout handlers
+# (models/native_norm.py, models/native_dropout.py), which need no oneDNN but share the
+# build, the cache and the availability check.
+SOURCES = (SOURCE, NATIVE / "group_norm.cc", NATIVE / "dropout.cc")
 HEADERS = (NATIVE / "parallel_for.h",)
 LIBRARY_DIST = "onednn-cpu-gomp"
 HEADERS_DIST = "onednn-devel-cpu-gomp"
@@ -50,6 +51,7 @@ _TARGETS = {  # FFI target name -> symbol in the compiled library
     "diffusion_jax_onednn_conv_backward": "DjOnednnConvBackward",
     "diffusion_jax_group_norm_forward": "DjGroupNormForward",
     "diffusion_jax_group_norm_backward": "DjGroupNormBackward",
+    "diffusion_jax_dropout": "DjDropout",
 }
 _FORWARD, _BACKWARD = list(_TARGETS)[:2]
 
