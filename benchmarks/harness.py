@@ -61,12 +61,14 @@ def machine_line() -> str:
 
 
 def convolution_library() -> str:
-  """Which library runs our U-Net's 3x3 convolutions in float32 here, for the notes."""
+  """Which library runs our U-Net's convolutions (and GroupNorm, dropout) in float32 here,
+  for the notes."""
   from diffusion_jax.models import conv  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return f"our convolutions: XLA's on {jax.default_backend()}"
   if conv.onednn_enabled():
-    return "our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py)"
+    return ("our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py); GroupNorm "
+            "and dropout: our compiled kernels (diffusion_jax/native)")
   return "our convolutions: XLA:CPU's own"
 
 
