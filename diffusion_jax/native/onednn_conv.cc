@@ -15,7 +15,8 @@
 // is shared out on XLA's pool instead: the batch is cut into one slice per pool thread,
 // the calling thread and tasks scheduled on the pool take slices until none is left (a
 // busy pool leaves them all to the caller), and the kernel gradient sums the slices'
-// partial gradients. oneDNN runs each slice single-threaded, unless the batch has fewer
+// partial gradients. Backwards, each slice computes its input gradient and then its
+// partial kernel gradient, while its part of dy is still in the cache. oneDNN runs each slice single-threaded, unless the batch has fewer
 // images than the pool has threads: then each slice gets pool threads / slices OpenMP
 // threads, so that small batches still use every core.
 //
@@ -252,85 +253,131 @@ memory PlanKernel(const Plan& plan, const Shape& s, void* hwio_data) {
   return reordered;
 }
 
-// Forward (kForward, adding the bias b) or input gradient (kBackwardData, b unused) over
-// batch slices.
-void RunImages(ffi::ThreadPool& pool, const Shape& s, Part part, void* x, void* w, void* b,
-               void* y) {
-  const Slices slices = SliceBatch(pool, s.n);
-  const int omp = OmpPerSlice(pool, slices);
-  OmpThreads threads(omp);  // for the plans and the kernel reorders
-  // Plans per slice size (at most two sizes); the kernel reordered once per layout.
-  std::vector<const Plan*> plans(slices.count);
-  std::vector<memory> kernels(slices.count);
-  for (int64_t i = 0; i < slices.count; ++i) {
-    plans[i] = &GetPlan(WithBatch(s, slices.size(i)), part);
+// The forward (kForward) or input-gradient (kBackwardData) primitive of each batch slice,
+// with the kernel in its layout (reordered from HWIO once per layout).
+struct ImagesJob {
+  Shape shape;
+  Part part;
+  Slices slices;
+  std::vector<const Plan*> plans;
+  std::vector<memory> kernels;
+};
+
+ImagesJob PrepareImages(const Slices& slices, const Shape& s, Part part, void* w) {
+  ImagesJob job{s, part, slices, std::vector<const Plan*>(slices.count),
+                std::vector<memory>(slices.count)};
+  for (int64_t i = 0; i < slices.count; ++i) {  // at most two slice sizes
+    job.plans[i] = &GetPlan(WithBatch(s, slices.size(i)), part);
     int64_t same = -1;
     for (int64_t j = 0; j < i && same < 0; ++j) {
-      if (plans[j]->kernel_desc == plans[i]->kernel_desc) same = j;
+      if (job.plans[j]->kernel_desc == job.plans[i]->kernel_desc) same = j;
     }
-    kernels[i] = same >= 0 ? kernels[same] : PlanKernel(*plans[i], s, w);
+    job.kernels[i] = same >= 0 ? job.kernels[same] : PlanKernel(*job.plans[i], s, w);
   }
-  const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
-  ParallelFor(pool, slices.count, [&](int64_t i) {
-    OmpThreads slice_threads(omp);
-    const Shape slice = WithBatch(s, slices.size(i));
-    memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
-    memory out(OutImages(slice), Engine(), Offset(y, slices.start(i) * out_items));
-    dnnl::stream stream(Engine());
-    const bool forward = part == kForward;
-    std::unordered_map<int, memory> args{
-        {forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, images},
-        {DNNL_ARG_WEIGHTS, kernels[i]},
-        {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}};
-    if (forward) args.emplace(DNNL_ARG_BIAS, memory(Bias(s), Engine(), b));
-    Execute(plans[i]->primitive, plans[i]->scratchpad, std::move(args), stream);
-    stream.wait();
-  });
+  return job;
 }
 
-// Kernel and bias gradients: one partial gradient per batch slice (the kernel's HWIO,
-// then the bias), summed into dw and db.
-void RunKernelGradient(ffi::ThreadPool& pool, const Shape& s, void* x, void* dy, void* dw,
-                       void* db) {
-  const Slices slices = SliceBatch(pool, s.n);
-  const int omp = OmpPerSlice(pool, slices);
-  OmpThreads threads(omp);  // for the plans and the kernel reorders
-  const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
-  // Slices after the first write their partial gradients here (no need to zero them).
-  std::vector<std::unique_ptr<float[]>> partials;
-  for (int64_t i = 1; i < slices.count; ++i) {
-    partials.emplace_back(new float[kernel_items + s.cout]);
-  }
-  std::vector<const Plan*> plans(slices.count);
-  for (int64_t i = 0; i < slices.count; ++i) {
-    plans[i] = &GetPlan(WithBatch(s, slices.size(i)), kBackwardWeights);
-  }
+// Slice i of the forward (x -> y, adding the bias b) or of the input gradient (dy in y ->
+// dx in x; b unused).
+void RunImagesSlice(const ImagesJob& job, int64_t i, void* x, void* b, void* y) {
+  const Shape& s = job.shape;
+  const Shape slice = WithBatch(s, job.slices.size(i));
   const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
-  ParallelFor(pool, slices.count, [&](int64_t i) {
-    OmpThreads slice_threads(omp);
-    const Shape slice = WithBatch(s, slices.size(i));
-    const Plan& plan = *plans[i];
-    float* target = i == 0 ? static_cast<float*>(dw) : partials[i - 1].get();
-    float* bias_target = i == 0 ? static_cast<float*>(db) : target + kernel_items;
-    memory images(Images(slice), Engine(), Offset(x, slices.start(i) * image_items));
-    memory grads(OutImages(slice), Engine(), Offset(dy, slices.start(i) * out_items));
-    memory hwio(Kernel(s, Tag::hwio), Engine(), target);
-    memory kernel = plan.reorder ? memory(plan.kernel_desc, Engine()) : hwio;
-    dnnl::stream stream(Engine());
-    Execute(plan.primitive, plan.scratchpad,
-            {{DNNL_ARG_SRC, images}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
-             {DNNL_ARG_DIFF_BIAS, memory(Bias(s), Engine(), bias_target)},
-             {DNNL_ARG_DIFF_DST, grads}},
-            stream);
-    if (plan.reorder) Reorder(kernel, hwio, stream);
-    stream.wait();
-  });
-  float* out = static_cast<float*>(dw);  // dw, db = the sums of the slices' gradients
+  memory images(Images(slice), Engine(), Offset(x, job.slices.start(i) * image_items));
+  memory out(OutImages(slice), Engine(), Offset(y, job.slices.start(i) * out_items));
+  dnnl::stream stream(Engine());
+  const bool forward = job.part == kForward;
+  std::unordered_map<int, memory> args{
+      {forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_SRC, images},
+      {DNNL_ARG_WEIGHTS, job.kernels[i]},
+      {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, out}};
+  if (forward) args.emplace(DNNL_ARG_BIAS, memory(Bias(s), Engine(), b));
+  Execute(job.plans[i]->primitive, job.plans[i]->scratchpad, std::move(args), stream);
+  stream.wait();
+}
+
+// The kernel- and bias-gradient primitive of each batch slice, and the slices' partial
+// gradients (the first slice writes dw and db themselves).
+struct KernelGradJob {
+  Shape shape;
+  Slices slices;
+  std::vector<const Plan*> plans;
+  std::vector<std::unique_ptr<float[]>> partials;  // HWIO kernel, then the bias
+};
+
+KernelGradJob PrepareKernelGrad(const Slices& slices, const Shape& s) {
+  KernelGradJob job{s, slices, std::vector<const Plan*>(slices.count), {}};
+  const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
+  for (int64_t i = 0; i < slices.count; ++i) {
+    job.plans[i] = &GetPlan(WithBatch(s, slices.size(i)), kBackwardWeights);
+    // Written whole by the primitive: no need to zero them.
+    if (i > 0) job.partials.emplace_back(new float[kernel_items + s.cout]);
+  }
+  return job;
+}
+
+void RunKernelGradSlice(const KernelGradJob& job, int64_t i, void* x, void* dy, void* dw,
+                        void* db) {
+  const Shape& s = job.shape;
+  const Shape slice = WithBatch(s, job.slices.size(i));
+  const Plan& plan = *job.plans[i];
+  const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
+  const int64_t image_items = s.h * s.w * s.cin, out_items = s.oh * s.ow * s.cout;
+  float* target = i == 0 ? static_cast<float*>(dw) : job.partials[i - 1].get();
+  float* bias_target = i == 0 ? static_cast<float*>(db) : target + kernel_items;
+  memory images(Images(slice), Engine(), Offset(x, job.slices.start(i) * image_items));
+  memory grads(OutImages(slice), Engine(), Offset(dy, job.slices.start(i) * out_items));
+  memory hwio(Kernel(s, Tag::hwio), Engine(), target);
+  memory kernel = plan.reorder ? memory(plan.kernel_desc, Engine()) : hwio;
+  dnnl::stream stream(Engine());
+  Execute(plan.primitive, plan.scratchpad,
+          {{DNNL_ARG_SRC, images}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
+           {DNNL_ARG_DIFF_BIAS, memory(Bias(s), Engine(), bias_target)},
+           {DNNL_ARG_DIFF_DST, grads}},
+          stream);
+  if (plan.reorder) Reorder(kernel, hwio, stream);
+  stream.wait();
+}
+
+// dw, db += the other slices' partial gradients, in slice order.
+void SumPartials(const KernelGradJob& job, void* dw, void* db) {
+  const Shape& s = job.shape;
+  const int64_t kernel_items = s.kh * s.kw * s.cin * s.cout;
+  float* out = static_cast<float*>(dw);
   float* bias_out = static_cast<float*>(db);
-  for (const std::unique_ptr<float[]>& partial : partials) {
+  for (const std::unique_ptr<float[]>& partial : job.partials) {
     for (int64_t k = 0; k < kernel_items; ++k) out[k] += partial[k];
     for (int64_t k = 0; k < s.cout; ++k) bias_out[k] += partial[kernel_items + k];
   }
+}
+
+void RunForward(ffi::ThreadPool& pool, const Shape& s, void* x, void* w, void* b, void* y) {
+  const Slices slices = SliceBatch(pool, s.n);
+  const int omp = OmpPerSlice(pool, slices);
+  OmpThreads threads(omp);  // for the plans and the kernel reorders
+  const ImagesJob job = PrepareImages(slices, s, kForward, w);
+  ParallelFor(pool, slices.count, [&](int64_t i) {
+    OmpThreads slice_threads(omp);
+    RunImagesSlice(job, i, x, b, y);
+  });
+}
+
+// All three gradients; each slice computes its input gradient, then its partial kernel
+// and bias gradients, while its part of dy is still in the cache (one pass over the
+// pool, not two).
+void RunBackward(ffi::ThreadPool& pool, const Shape& s, void* x, void* w, void* dy,
+                 void* dx, void* dw, void* db) {
+  const Slices slices = SliceBatch(pool, s.n);
+  const int omp = OmpPerSlice(pool, slices);
+  OmpThreads threads(omp);  // for the plans and the kernel reorders
+  const ImagesJob data = PrepareImages(slices, s, kBackwardData, w);
+  const KernelGradJob weights = PrepareKernelGrad(slices, s);
+  ParallelFor(pool, slices.count, [&](int64_t i) {
+    OmpThreads slice_threads(omp);
+    RunImagesSlice(data, i, dx, nullptr, dy);
+    RunKernelGradSlice(weights, i, x, dy, dw, db);
+  });
+  SumPartials(weights, dw, db);
 }
 
 ffi::Error Failure(const std::exception& e) {
@@ -359,8 +406,8 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer b, 
   }
   if (auto e = CheckBias(b.dimensions(), s); e.failure()) return e;
   try {
-    RunImages(pool, s, kForward, x.untyped_data(), w.untyped_data(), b.untyped_data(),
-              y->untyped_data());
+    RunForward(pool, s, x.untyped_data(), w.untyped_data(), b.untyped_data(),
+               y->untyped_data());
   } catch (const std::exception& e) {
     return Failure(e);
   }
@@ -386,10 +433,8 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy
   }
   if (auto e = CheckBias(db->dimensions(), s); e.failure()) return e;
   try {
-    RunImages(pool, s, kBackwardData, dx->untyped_data(), w.untyped_data(), nullptr,
-              dy.untyped_data());
-    RunKernelGradient(pool, s, x.untyped_data(), dy.untyped_data(), dw->untyped_data(),
-                      db->untyped_data());
+    RunBackward(pool, s, x.untyped_data(), w.untyped_data(), dy.untyped_data(),
+                dx->untyped_data(), dw->untyped_data(), db->untyped_data());
   } catch (const std::exception& e) {
     return Failure(e);
   }
