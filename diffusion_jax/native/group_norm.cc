@@ -27,7 +27,6 @@
 #include <cmath>
 #include <exception>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
