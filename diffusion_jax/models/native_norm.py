@@ -4,8 +4,8 @@
 closed-form gradient, each a pass over the tensor, some of them on one thread. On CPU
 that chain cost a train step of the CIFAR10 network at batch 32 several hundred
 milliseconds (`benchmarks/RESULTS.md`). `diffusion_jax/native/group_norm.cc` computes the
-same formulas in two passes forwards and two backwards per image while it is in the
-cache, the batch shared over XLA's threads; it is compiled into the library of the oneDNN
+same formulas in three passes forwards (mean, variance, output) and two backwards per
+image while it is in the cache, the batch shared over XLA's threads; it is compiled into the library of the oneDNN
 convolutions (`onednn.build`) and used where they are (`conv.onednn_enabled`: CPU,
 float32, one device unless `conv.cpu_library` says otherwise).
 

@@ -19,8 +19,8 @@ the output has the input's dtype unless `out_dtype` says otherwise.
 Supports reverse-mode differentiation (grad, vjp, vmap), not forward mode (jvp).
 
 On CPU, for float32, where the oneDNN convolutions are used (`conv.onednn_enabled`), the
-same formulas run as compiled kernels instead (`native_norm`: two passes per image each
-way, on XLA's threads; about twice as fast as this XLA version at the U-Net's sizes).
+same formulas run as compiled kernels instead (`native_norm`: three passes per image
+forwards and two backwards, on XLA's threads; about twice as fast as this XLA version at the U-Net's sizes).
 """
 
 from __future__ import annotations

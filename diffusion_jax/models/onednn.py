@@ -165,7 +165,9 @@ def available() -> bool:
                                     platform="cpu")
       _state.update(ok=True, library=library, path=path)
     except (OnednnUnavailable, OSError) as e:
-      logging.warning("oneDNN convolutions unavailable, using XLA's (slower on CPU): %s. "
+      logging.warning("oneDNN convolutions (and the compiled GroupNorm and dropout "
+                      "kernels built with them) unavailable, using XLA's (slower on "
+                      "CPU): %s. "
                       "Set DIFFUSION_JAX_CPU_CONV=xla to choose XLA's without this "
                       "warning.", e)
       _state.update(ok=False, error=str(e))

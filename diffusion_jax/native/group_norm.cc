@@ -5,17 +5,17 @@
 //   DjGroupNormForward   x [N, P, C], scale [C], bias [C] -> y [N, P, C], mean [N, G],
 //                        rstd [N, G]
 //       x_hat = (x - mean_g) rstd_g,  a = x_hat scale + bias,  y = a (or swish(a)),
-//       mean and variance over the P pixels and C / G channels of each group (two passes,
-//       sums in double), rstd = 1 / sqrt(var + epsilon).
+//       mean and variance over the P pixels and C / G channels of each group (mean first,
+//       then the variance around it, sums in double), rstd = 1 / sqrt(var + epsilon).
 //   DjGroupNormBackward  x, scale, bias, mean, rstd, dy -> dx, dscale, dbias
 //       da = dy (or dy swish'(a)),  dscale = sum_{n,p} da x_hat,  dbias = sum_{n,p} da,
 //       dx = rstd (da scale - mean_group(da scale) - x_hat mean_group(da scale x_hat)).
 // Attributes: groups (G), epsilon (forward), swish (0 or 1).
 //
 // XLA:CPU computes the same as a chain of reductions and elementwise fusions, each a pass
-// over the tensor, several of them on one thread. Here each image is read twice forwards
-// (statistics, output) and twice backwards (sums, input gradient) while it sits in the
-// cache, and the batch is cut into one slice per XLA pool thread (parallel_for.h);
+// over the tensor, several of them on one thread. Here each image is read three times
+// forwards (mean, variance, output) and twice backwards (sums, input gradient) while it
+// sits in the cache, and the batch is cut into one slice per XLA pool thread (parallel_for.h);
 // backwards, each slice sums its own parameter gradients (in double), added in slice
 // order, so results do not depend on timing.
 //
@@ -49,8 +49,10 @@ using diffusion_jax::Slices;
 // memcpy (a bit cast instead), see models/onednn.py.
 inline float Exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
-  // n = floor(x / ln2 + 1/2), through a truncation of a positive number.
-  const int32_t i = static_cast<int32_t>(x * 1.44269504088896341f + 1000.5f) - 1000;
+  // n = floor(x / ln2 + 1/2), through a truncation of a positive number (for NaN: 0; the
+  // result is NaN through r).
+  const float t = x == x ? x * 1.44269504088896341f : 0.0f;
+  const int32_t i = static_cast<int32_t>(t + 1000.5f) - 1000;
   const float n = static_cast<float>(i);
   float r = x - n * 0.693359375f;  // ln2 in two parts: the first exact in float
   r = r + n * 2.12194440e-4f;
@@ -297,9 +299,10 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer scale, F32Buffe
   const Slices slices = SliceBatch(pool, s.n);
   const int64_t items = s.p * s.c;
   // Per slice: dscale sums, then dbias sums.
-  std::vector<std::vector<double>> partial(slices.count, std::vector<double>(2 * s.c, 0.0));
+  std::vector<std::vector<double>> partial;
   const auto image = swish ? BackwardImage<true> : BackwardImage<false>;
   try {
+    partial.assign(slices.count, std::vector<double>(2 * s.c, 0.0));
     ParallelFor(pool, slices.count, [&](int64_t t) {
       double* acc = partial[t].data();
       for (int64_t n = slices.start(t); n < slices.start(t + 1); ++n) {

@@ -16,13 +16,14 @@
 // the calling thread and tasks scheduled on the pool take slices until none is left (a
 // busy pool leaves them all to the caller), and the kernel gradient sums the slices'
 // partial gradients. Backwards, each slice computes its input gradient and then its
-// partial kernel gradient, while its part of dy is still in the cache. oneDNN runs each slice single-threaded, unless the batch has fewer
-// images than the pool has threads: then each slice gets pool threads / slices OpenMP
-// threads, so that small batches still use every core.
+// partial kernel gradient, while its part of dy is still in the cache. oneDNN runs each
+// slice single-threaded, unless the batch has fewer images than the pool has threads:
+// then each slice gets pool threads / slices OpenMP threads, so that small batches still
+// use every core.
 //
-// Images stay NHWC; oneDNN picks its preferred kernel layout and the kernel (or its
-// gradient) is reordered to or from HWIO once per call. Primitives are built once per
-// geometry and kept.
+// Images stay NHWC; oneDNN picks its preferred kernel layout and the kernel is reordered
+// from HWIO once per call (each slice's kernel gradient back to HWIO). Primitives are
+// built once per geometry and kept.
 
 #include <algorithm>
 #include <array>

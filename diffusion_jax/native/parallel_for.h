@@ -25,7 +25,8 @@
 namespace diffusion_jax {
 
 // Runs task(i) for i in [0, count) and returns when all have finished. The first error (an
-// exception of a task) is rethrown as std::runtime_error with its message.
+// exception of a task) is rethrown as std::runtime_error with its message. If scheduling
+// fails, the calling thread does all the work (tasks already queued find none left).
 inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count,
                         const std::function<void(int64_t)>& task) {
   struct State {
@@ -33,30 +34,43 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count,
     int64_t done = 0;
     std::mutex mutex;
     std::condition_variable all_done;
+    bool failed = false;
     std::string error;
   };
   auto state = std::make_shared<State>();
   auto work = [state, count, task]() {
     for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      bool failed = false;
       std::string error;
       try {
         task(i);
       } catch (const std::exception& e) {
+        failed = true;
         error = e.what();
+      } catch (...) {
+        failed = true;
+        error = "unknown exception";
       }
       std::lock_guard<std::mutex> lock(state->mutex);
-      if (!error.empty() && state->error.empty()) state->error = error;
+      if (failed && !state->failed) {
+        state->failed = true;
+        state->error = error.empty() ? "exception without a message" : error;
+      }
       if (++state->done == count) state->all_done.notify_all();
     }
   };
-  for (int64_t i = 1; i < count; ++i) {
-    auto copy = work;
-    pool.Schedule(std::move(copy));
+  try {
+    for (int64_t i = 1; i < count; ++i) {
+      auto copy = work;
+      pool.Schedule(std::move(copy));
+    }
+  } catch (...) {
+    // Not all tasks queued: the caller's work() below claims whatever is left.
   }
   work();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->all_done.wait(lock, [&] { return state->done == count; });
-  if (!state->error.empty()) throw std::runtime_error(state->error);
+  if (state->failed) throw std::runtime_error(state->error);
 }
 
 // The batch cut into `count` near-equal slices: slice i is [start(i), start(i + 1)).
