@@ -11,9 +11,9 @@ parts in PyTorch (`conv2d` forward, `torch.nn.grad.conv2d_input/weight`, what it
 autograd runs). Where `conv.conv3x3` runs float32 convolutions through oneDNN
 (`models/onednn.py`: CPU, one device), its two calls are timed too: the forward (with
 its bias) and the input, kernel and bias gradients in one call (compare with the sum of
-the XLA or PyTorch gradient rows). Times times counts give each part's cost per train step, in ms and
-GFLOP/s, next to the measured matmul peak. CPU time (both threads) is printed too: on
-a shared machine it moves less with other load than wall time does.
+the XLA or PyTorch gradient rows). Times times counts give each part's cost per train
+step, in ms and GFLOP/s, next to the measured matmul peak. CPU time (both threads) is
+printed too: on a shared machine it moves less with other load than wall time does.
 """
 
 from __future__ import annotations

@@ -24,10 +24,7 @@ _TARGET = "diffusion_jax_dropout"
 
 def apply_mask(x: jax.Array, words: jax.Array, keep: float) -> jax.Array:
   """x[i] / keep where element i is kept, else 0 (x float32, words uint32[2])."""
-  if not onednn.available():
-    raise onednn.OnednnUnavailable(str(onednn._state.get("error")))  # pylint: disable=protected-access
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                          vmap_method="sequential")(x, words, keep=np.float32(keep))
+  return onednn.ffi_call(_TARGET, [x.shape], x, words, keep=np.float32(keep))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -5,9 +5,10 @@ closed-form gradient, each a pass over the tensor, some of them on one thread. O
 that chain cost a train step of the CIFAR10 network at batch 32 several hundred
 milliseconds (`benchmarks/RESULTS.md`). `diffusion_jax/native/group_norm.cc` computes the
 same formulas in three passes forwards (mean, variance, output) and two backwards per
-image while it is in the cache, the batch shared over XLA's threads; it is compiled into the library of the oneDNN
-convolutions (`onednn.build`) and used where they are (`conv.onednn_enabled`: CPU,
-float32, one device unless `conv.cpu_library` says otherwise).
+image while it is in the cache, the batch shared over XLA's threads; it is compiled into
+the library of the oneDNN convolutions (`onednn.build`) and used where they are
+(`conv.onednn_enabled`: CPU, float32, one device unless `conv.cpu_library` says
+otherwise).
 
 Reverse-mode differentiation (grad, vjp, under vmap); no forward mode.
 """
@@ -26,29 +27,22 @@ _FORWARD = "diffusion_jax_group_norm_forward"
 _BACKWARD = "diffusion_jax_group_norm_backward"
 
 
-def _call(target: str, results, *args, **attributes):
-  if not onednn.available():
-    raise onednn.OnednnUnavailable(str(onednn._state.get("error")))  # pylint: disable=protected-access
-  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
-
-
 def forward(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
             epsilon: float, swish: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(y, mean [B, G], rstd [B, G]) for float32 x [B, ..., C] and scale, bias [C]."""
-  f32 = lambda shape: jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
   groups = (x.shape[0], num_groups)
-  return _call(_FORWARD, (f32(x.shape), f32(groups), f32(groups)), x, scale, bias,
-               groups=np.int64(num_groups), epsilon=np.float32(epsilon),
-               swish=np.int64(swish))
+  return onednn.ffi_call(_FORWARD, (x.shape, groups, groups), x, scale, bias,
+                         groups=np.int64(num_groups), epsilon=np.float32(epsilon),
+                         swish=np.int64(swish))
 
 
 def backward(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
              rstd: jax.Array, g: jax.Array, num_groups: int,
              swish: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(dx, dscale, dbias) for the output cotangent g of `forward`."""
-  f32 = lambda shape: jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-  return _call(_BACKWARD, (f32(x.shape), f32(scale.shape), f32(bias.shape)), x, scale,
-               bias, mean, rstd, g, groups=np.int64(num_groups), swish=np.int64(swish))
+  return onednn.ffi_call(_BACKWARD, (x.shape, scale.shape, bias.shape), x, scale, bias,
+                         mean, rstd, g, groups=np.int64(num_groups),
+                         swish=np.int64(swish))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -20,7 +20,8 @@ Supports reverse-mode differentiation (grad, vjp, vmap), not forward mode (jvp).
 
 On CPU, for float32, where the oneDNN convolutions are used (`conv.onednn_enabled`), the
 same formulas run as compiled kernels instead (`native_norm`: three passes per image
-forwards and two backwards, on XLA's threads; about twice as fast as this XLA version at the U-Net's sizes).
+forwards and two backwards, on XLA's threads; about twice as fast as this XLA version at
+the U-Net's sizes).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ _TARGETS = {  # FFI target name -> symbol in the compiled library
     "diffusion_jax_group_norm_backward": "DjGroupNormBackward",
     "diffusion_jax_dropout": "DjDropout",
 }
-_FORWARD, _BACKWARD = list(_TARGETS)[:2]
+_FORWARD = "diffusion_jax_onednn_conv_forward"
+_BACKWARD = "diffusion_jax_onednn_conv_backward"
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -103,8 +104,8 @@ def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> path
 
   The file name carries a hash of the sources, the compiler, jaxlib's version, the oneDNN
   library and the CPU (compiled with -march=native), so a change of any of them compiles
-  anew. Concurrent processes each
-  compile to a temporary file and rename it into place (atomic).
+  anew. Concurrent processes each compile to a temporary file and rename it into place
+  (atomic).
 
   Raises:
     OnednnUnavailable: packages, headers or compiler missing, or compilation failed.
@@ -138,7 +139,8 @@ def build(directory: pathlib.Path | None = None, cxx: str | None = None) -> path
   try:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      raise OnednnUnavailable(f"compiling {', '.join(f.name for f in SOURCES)} failed ({' '.join(command)}):\n"
+      names = ", ".join(f.name for f in SOURCES)
+      raise OnednnUnavailable(f"compiling {names} failed ({' '.join(command)}):\n"
                               f"{result.stderr[-2000:]}")
     os.replace(tmp, target)
   finally:
@@ -185,12 +187,23 @@ def _out_size(size: int, low: int, high: int, window: int, stride: int) -> int:
   return (size + low + high - window) // stride + 1
 
 
-def _call(target: str, shapes, *args, stride: int, padding: Padding):
+def ffi_call(target: str, shapes, *args, **attributes):
+  """Calls FFI target `target` of the compiled library (float32 results of `shapes`).
+
+  Shared by the convolutions here and the GroupNorm and dropout kernels
+  (`native_norm`, `native_dropout`); batched under vmap one element at a time.
+
+  Raises:
+    OnednnUnavailable: the library could not be built or loaded (see `available`).
+  """
   if not available():
     raise OnednnUnavailable(str(_state.get("error")))
-  results = [jax.ShapeDtypeStruct(tuple(shape), jnp.float32) for shape in shapes]
-  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
-      *args, **_attributes(stride, padding))
+  results = tuple(jax.ShapeDtypeStruct(tuple(shape), jnp.float32) for shape in shapes)
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
+
+
+def _call(target: str, shapes, *args, stride: int, padding: Padding):
+  return ffi_call(target, shapes, *args, **_attributes(stride, padding))
 
 
 def _check(name: str, *arrays: jax.Array) -> None:
