@@ -31,6 +31,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+from typing import Literal
 
 from absl import logging
 import jax
@@ -42,8 +43,8 @@ SOURCE = NATIVE / "onednn_conv.cc"
 # Compiled into the same library: the GroupNorm and dropout handlers
 # (models/native_norm.py, models/native_dropout.py), which need no oneDNN but share the
 # build, the cache and the availability check.
-SOURCES = (SOURCE, NATIVE / "group_norm.cc", NATIVE / "dropout.cc")
-HEADERS = (NATIVE / "parallel_for.h",)
+SOURCES = (SOURCE, NATIVE / "winograd.cc", NATIVE / "group_norm.cc", NATIVE / "dropout.cc")
+HEADERS = (NATIVE / "parallel_for.h", NATIVE / "omp_threads.h", NATIVE / "winograd.h")
 LIBRARY_DIST = "onednn-cpu-gomp"
 HEADERS_DIST = "onednn-devel-cpu-gomp"
 _TARGETS = {  # FFI target name -> symbol in the compiled library
@@ -176,11 +177,11 @@ def available() -> bool:
   return bool(_state["ok"])
 
 
-def _attributes(stride: int, padding: Padding) -> dict[str, np.int64]:
+def _attributes(stride: int, padding: Padding, winograd: bool) -> dict[str, object]:
   (top, bottom), (left, right) = padding
   return dict(stride_h=np.int64(stride), stride_w=np.int64(stride),
               pad_top=np.int64(top), pad_bottom=np.int64(bottom),
-              pad_left=np.int64(left), pad_right=np.int64(right))
+              pad_left=np.int64(left), pad_right=np.int64(right), winograd=bool(winograd))
 
 
 def _out_size(size: int, low: int, high: int, window: int, stride: int) -> int:
@@ -202,8 +203,46 @@ def ffi_call(target: str, shapes, *args, **attributes):
   return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
 
 
-def _call(target: str, shapes, *args, stride: int, padding: Padding):
-  return ffi_call(target, shapes, *args, **_attributes(stride, padding))
+def _call(target: str, shapes, *args, stride: int, padding: Padding, winograd: bool):
+  return ffi_call(target, shapes, *args, **_attributes(stride, padding, winograd))
+
+
+Algorithm = Literal["auto", "direct", "winograd"]
+_ALGORITHMS = ("auto", "direct", "winograd")
+WINOGRAD_ENV = "DIFFUSION_JAX_WINOGRAD"
+# Winograd's products are [tiles, Cin] @ [Cin, Cout]: with fewer channels than this on
+# either side (the U-Net's first and last convolutions, 3 or 1 image channels) the
+# transforms cost more than the products save.
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def winograd_applies(kernel_shape, stride: int, padding: Padding) -> bool:
+  """Whether Winograd's F(2x2, 3x3) computes this convolution: a 3x3 kernel, stride 1,
+  one pixel of zero padding on every side (the U-Net's "SAME" 3x3 convolutions)."""
+  return (tuple(kernel_shape[:2]) == (3, 3) and stride == 1
+          and tuple(map(tuple, padding)) == ((1, 1), (1, 1)))
+
+
+def _use_winograd(algorithm: str, kernel_shape, stride: int, padding: Padding) -> bool:
+  if algorithm not in _ALGORITHMS:
+    raise ValueError(f"algorithm={algorithm!r}; use one of {_ALGORITHMS}.")
+  applies = winograd_applies(kernel_shape, stride, padding)
+  if algorithm == "winograd":
+    if not applies:
+      raise ValueError(
+          f"algorithm='winograd' takes 3x3 kernels, stride 1 and padding ((1, 1), (1, 1)); "
+          f"got kernel {tuple(kernel_shape)}, stride {stride}, padding {padding}. Use "
+          f"algorithm='direct' (or 'auto') for it.")
+    return True
+  if algorithm == "direct":
+    return False
+  env = os.environ.get(WINOGRAD_ENV, "1")
+  if env not in ("0", "1"):
+    raise ValueError(f"{WINOGRAD_ENV}={env!r}; use 1 (Winograd's algorithm for the 3x3 "
+                     f"convolutions it applies to, the default) or 0 (oneDNN's direct "
+                     f"convolution for all).")
+  return (env == "1" and applies and
+          min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS)
 
 
 def _check(name: str, *arrays: jax.Array) -> None:
@@ -223,19 +262,21 @@ def _bias_or_zeros(bias: jax.Array | None, kernel: jax.Array) -> jax.Array:
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
-                 bias: jax.Array | None = None) -> jax.Array:
+                 bias: jax.Array | None = None, algorithm: Algorithm = "auto") -> jax.Array:
   """y = conv(x, kernel) + bias: x [B, H, W, Cin], kernel [KH, KW, Cin, Cout], bias [Cout]
-  (None: zero) -> [B, H', W', Cout]."""
+  (None: zero) -> [B, H', W', Cout]; `algorithm` as in `conv`."""
   _check("conv_forward", x, kernel)
+  winograd = _use_winograd(algorithm, kernel.shape, stride, padding)
   (top, bottom), (left, right) = padding
   shape = (x.shape[0], _out_size(x.shape[1], top, bottom, kernel.shape[0], stride),
            _out_size(x.shape[2], left, right, kernel.shape[1], stride), kernel.shape[3])
   return _call(_FORWARD, [shape], x, kernel, _bias_or_zeros(bias, kernel), stride=stride,
-               padding=padding)[0]
+               padding=padding, winograd=winograd)[0]
 
 
 def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
-                  padding: Padding) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  padding: Padding, algorithm: Algorithm = "auto"
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The three gradients of `conv_forward` for the output cotangent g [B, H', W', Cout].
 
   Returns:
@@ -244,30 +285,31 @@ def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
     over batch and positions.
   """
   _check("conv_backward", x, kernel, g)
+  winograd = _use_winograd(algorithm, kernel.shape, stride, padding)
   dx, dw, db = _call(_BACKWARD, [x.shape, kernel.shape, kernel.shape[-1:]], x, kernel, g,
-                     stride=stride, padding=padding)
+                     stride=stride, padding=padding, winograd=winograd)
   return dx, dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv(x, kernel, bias, stride, padding):
-  return conv_forward(x, kernel, stride, padding, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(x, kernel, bias, stride, padding, algorithm):
+  return conv_forward(x, kernel, stride, padding, bias, algorithm)
 
 
-def _conv_fwd(x, kernel, bias, stride, padding):
-  return conv_forward(x, kernel, stride, padding, bias), (x, kernel)
+def _conv_fwd(x, kernel, bias, stride, padding, algorithm):
+  return conv_forward(x, kernel, stride, padding, bias, algorithm), (x, kernel)
 
 
-def _conv_bwd(stride, padding, residuals, g):
+def _conv_bwd(stride, padding, algorithm, residuals, g):
   x, kernel = residuals
-  return conv_backward(x, kernel, g.astype(jnp.float32), stride, padding)
+  return conv_backward(x, kernel, g.astype(jnp.float32), stride, padding, algorithm)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
-         bias: jax.Array | None = None) -> jax.Array:
+         bias: jax.Array | None = None, algorithm: Algorithm = "auto") -> jax.Array:
   """A float32 convolution (NHWC, HWIO, explicit padding) + bias, all parts in oneDNN.
 
   Reverse mode only (grad, vjp, also under vmap); forward mode (jvp) is not defined.
@@ -278,8 +320,15 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
     stride: the same along H and W.
     padding: ((top, bottom), (left, right)) zeros.
     bias: [Cout] float32, or None (zero; its gradient is computed and dropped).
+    algorithm: "direct" (oneDNN's convolution), "winograd" (F(2x2, 3x3) over oneDNN's
+      sgemm, native/winograd.h: 3x3 kernels, stride 1, padding 1 only; the products
+      need 2.25x fewer multiplications, the values differ by rounding), or "auto"
+      (Winograd where it applies and both channel counts are at least
+      `WINOGRAD_MIN_CHANNELS`, unless `DIFFUSION_JAX_WINOGRAD=0`; else direct).
+      The same algorithm computes the forward and the gradients.
 
   Returns:
     [B, H', W', Cout] float32.
   """
-  return _conv(x, kernel, _bias_or_zeros(bias, kernel), stride, padding)
+  _use_winograd(algorithm, kernel.shape, stride, padding)  # errors at trace time
+  return _conv(x, kernel, _bias_or_zeros(bias, kernel), stride, padding, algorithm)

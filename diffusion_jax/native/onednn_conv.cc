@@ -41,9 +41,12 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "omp_threads.h"
 #include "parallel_for.h"
+#include "winograd.h"
 
 namespace ffi = xla::ffi;
+using diffusion_jax::OmpThreads;
 using diffusion_jax::ParallelFor;
 using diffusion_jax::SliceBatch;
 using diffusion_jax::Slices;
@@ -186,23 +189,6 @@ const Plan& GetPlan(const Shape& s, Part part) {
   return *it->second;
 }
 
-
-// Sets the calling thread's OpenMP thread count for its lifetime, then restores it: the
-// threads are XLA's (or the caller's own, when XLA runs an operation inline), and their
-// setting is shared with other OpenMP users in the process (PyTorch loads the same
-// libgomp.so.1).
-class OmpThreads {
- public:
-  explicit OmpThreads(int threads) : saved_(omp_get_max_threads()) {
-    omp_set_num_threads(threads);
-  }
-  ~OmpThreads() { omp_set_num_threads(saved_); }
-  OmpThreads(const OmpThreads&) = delete;
-  OmpThreads& operator=(const OmpThreads&) = delete;
-
- private:
-  int saved_;
-};
 
 template <typename T>
 std::string Dims(const T& dims) {
@@ -394,8 +380,24 @@ ffi::Error CheckBias(ffi::Span<const int64_t> bias, const Shape& s) {
                         std::to_string(s.cout) + "]");
 }
 
+// An error if Winograd's algorithm is asked for a geometry it does not compute.
+ffi::Error CheckWinograd(bool winograd, const Shape& s) {
+  if (!winograd ||
+      diffusion_jax::winograd::Applies(s.kh, s.kw, s.sh, s.sw, s.pt, s.pb, s.pl, s.pr)) {
+    return ffi::Error::Success();
+  }
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "oneDNN convolution: Winograd's algorithm takes 3x3 kernels, stride 1 "
+                    "and padding 1; got a " + std::to_string(s.kh) + "x" +
+                        std::to_string(s.kw) + " kernel, strides (" + std::to_string(s.sh) +
+                        ", " + std::to_string(s.sw) + "), padding (" + std::to_string(s.pt) +
+                        ", " + std::to_string(s.pb) + ", " + std::to_string(s.pl) + ", " +
+                        std::to_string(s.pr) + ")");
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer b, F32Result y,
-                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                   bool winograd) {
   Shape s;
   if (auto e = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
                          pl, pr, &s);
@@ -403,9 +405,15 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer b, 
     return e;
   }
   if (auto e = CheckBias(b.dimensions(), s); e.failure()) return e;
+  if (auto e = CheckWinograd(winograd, s); e.failure()) return e;
   try {
-    RunForward(pool, s, x.untyped_data(), w.untyped_data(), b.untyped_data(),
-               y->untyped_data());
+    if (winograd) {
+      diffusion_jax::winograd::Forward(pool, s.n, s.h, s.w, s.cin, s.cout, x.typed_data(),
+                                       w.typed_data(), b.typed_data(), y->typed_data());
+    } else {
+      RunForward(pool, s, x.untyped_data(), w.untyped_data(), b.untyped_data(),
+                 y->untyped_data());
+    }
   } catch (const std::exception& e) {
     return Failure(e);
   }
@@ -414,7 +422,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer b, 
 
 ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy,
                     F32Result dx, F32Result dw, F32Result db, int64_t sh, int64_t sw,
-                    int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                    int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool winograd) {
   auto same = [](auto a, auto b) {
     return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
   };
@@ -430,9 +438,16 @@ ffi::Error Backward(ffi::ThreadPool pool, F32Buffer x, F32Buffer w, F32Buffer dy
     return e;
   }
   if (auto e = CheckBias(db->dimensions(), s); e.failure()) return e;
+  if (auto e = CheckWinograd(winograd, s); e.failure()) return e;
   try {
-    RunBackward(pool, s, x.untyped_data(), w.untyped_data(), dy.untyped_data(),
-                dx->untyped_data(), dw->untyped_data(), db->untyped_data());
+    if (winograd) {
+      diffusion_jax::winograd::Backward(pool, s.n, s.h, s.w, s.cin, s.cout, x.typed_data(),
+                                        w.typed_data(), dy.typed_data(), dx->typed_data(),
+                                        dw->typed_data(), db->typed_data());
+    } else {
+      RunBackward(pool, s, x.untyped_data(), w.untyped_data(), dy.untyped_data(),
+                  dx->untyped_data(), dw->untyped_data(), db->untyped_data());
+    }
   } catch (const std::exception& e) {
     return Failure(e);
   }
@@ -452,7 +467,8 @@ auto WithGeometry(Binding binding) {
       .template Attr<int64_t>("pad_top")
       .template Attr<int64_t>("pad_bottom")
       .template Attr<int64_t>("pad_left")
-      .template Attr<int64_t>("pad_right");
+      .template Attr<int64_t>("pad_right")
+      .template Attr<bool>("winograd");
 }
 
 }  // namespace
