@@ -210,10 +210,17 @@ def _call(target: str, shapes, *args, stride: int, padding: Padding, winograd: b
 Algorithm = Literal["auto", "direct", "winograd"]
 _ALGORITHMS = ("auto", "direct", "winograd")
 WINOGRAD_ENV = "DIFFUSION_JAX_WINOGRAD"
-# Winograd's products are [tiles, Cin] @ [Cin, Cout]: with fewer channels than this on
-# either side (the U-Net's first and last convolutions, 3 or 1 image channels) the
-# transforms cost more than the products save.
+# Winograd's products are [tiles, Cin] @ [Cin, Cout] (a tile: 2x2 outputs): with fewer
+# channels than this on either side (the U-Net's first and last convolutions, 3 or 1 image
+# channels) the transforms cost more than the products save.
 WINOGRAD_MIN_CHANNELS = 16
+# ... and with fewer tiles than these (batch x ceil(H / 2) x ceil(W / 2)) the kernel
+# transforms and the small products cost more than they save; the gradients need more
+# tiles than the forward (their kernel gradient is a product over the tiles). Timed on
+# the U-Net's shapes, 2 cores (`benchmarks/RESULTS.md`): forward 0.8x-1.9x at 16-64
+# tiles, gradients 0.5x-0.9x below 128 tiles, 1.3x-2x from 128 tiles on.
+WINOGRAD_MIN_TILES_FORWARD = 32
+WINOGRAD_MIN_TILES_BACKWARD = 128
 
 
 def winograd_applies(kernel_shape, stride: int, padding: Padding) -> bool:
@@ -223,7 +230,8 @@ def winograd_applies(kernel_shape, stride: int, padding: Padding) -> bool:
           and tuple(map(tuple, padding)) == ((1, 1), (1, 1)))
 
 
-def _use_winograd(algorithm: str, kernel_shape, stride: int, padding: Padding) -> bool:
+def _use_winograd(algorithm: str, kernel_shape, stride: int, padding: Padding,
+                  x_shape=None, min_tiles: int = 0) -> bool:
   if algorithm not in _ALGORITHMS:
     raise ValueError(f"algorithm={algorithm!r}; use one of {_ALGORITHMS}.")
   applies = winograd_applies(kernel_shape, stride, padding)
@@ -241,7 +249,8 @@ def _use_winograd(algorithm: str, kernel_shape, stride: int, padding: Padding) -
     raise ValueError(f"{WINOGRAD_ENV}={env!r}; use 1 (Winograd's algorithm for the 3x3 "
                      f"convolutions it applies to, the default) or 0 (oneDNN's direct "
                      f"convolution for all).")
-  return (env == "1" and applies and
+  tiles = x_shape[0] * -(-x_shape[1] // 2) * -(-x_shape[2] // 2) if x_shape else 0
+  return (env == "1" and applies and tiles >= min_tiles and
           min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS)
 
 
@@ -266,7 +275,8 @@ def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
   """y = conv(x, kernel) + bias: x [B, H, W, Cin], kernel [KH, KW, Cin, Cout], bias [Cout]
   (None: zero) -> [B, H', W', Cout]; `algorithm` as in `conv`."""
   _check("conv_forward", x, kernel)
-  winograd = _use_winograd(algorithm, kernel.shape, stride, padding)
+  winograd = _use_winograd(algorithm, kernel.shape, stride, padding, x.shape,
+                           WINOGRAD_MIN_TILES_FORWARD)
   (top, bottom), (left, right) = padding
   shape = (x.shape[0], _out_size(x.shape[1], top, bottom, kernel.shape[0], stride),
            _out_size(x.shape[2], left, right, kernel.shape[1], stride), kernel.shape[3])
@@ -285,7 +295,8 @@ def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
     over batch and positions.
   """
   _check("conv_backward", x, kernel, g)
-  winograd = _use_winograd(algorithm, kernel.shape, stride, padding)
+  winograd = _use_winograd(algorithm, kernel.shape, stride, padding, x.shape,
+                           WINOGRAD_MIN_TILES_BACKWARD)
   dx, dw, db = _call(_BACKWARD, [x.shape, kernel.shape, kernel.shape[-1:]], x, kernel, g,
                      stride=stride, padding=padding, winograd=winograd)
   return dx, dw, db
@@ -322,10 +333,11 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
     bias: [Cout] float32, or None (zero; its gradient is computed and dropped).
     algorithm: "direct" (oneDNN's convolution), "winograd" (F(2x2, 3x3) over oneDNN's
       sgemm, native/winograd.h: 3x3 kernels, stride 1, padding 1 only; the products
-      need 2.25x fewer multiplications, the values differ by rounding), or "auto"
-      (Winograd where it applies and both channel counts are at least
-      `WINOGRAD_MIN_CHANNELS`, unless `DIFFUSION_JAX_WINOGRAD=0`; else direct).
-      The same algorithm computes the forward and the gradients.
+      need 2.25x fewer multiplications, the values differ by rounding), or "auto":
+      Winograd where it applies, both channel counts are at least
+      `WINOGRAD_MIN_CHANNELS` and the batch has at least `WINOGRAD_MIN_TILES_FORWARD`
+      (forward) or `WINOGRAD_MIN_TILES_BACKWARD` (gradients) 2x2 output tiles, unless
+      `DIFFUSION_JAX_WINOGRAD=0`; else direct.
 
   Returns:
     [B, H', W', Cout] float32.

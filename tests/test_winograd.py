@@ -1,0 +1,221 @@
+"""Winograd's F(2x2, 3x3) convolutions (`native/winograd.cc`, `onednn.conv(algorithm=...)`).
+
+References: the float64 NumPy convolution and its two gradients of test_onednn_conv.py
+(written from the definition), diffusers' UNet2DModel, and XLA's convolutions. Geometries
+cover odd and non-square maps (tiles cut by the border), a 1x1 map, channel counts that are
+not multiples of the vector width, and enough tiles for several chunks per pool thread,
+with chunks that straddle two images.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from test_onednn_conv import numpy_conv_and_grads
+from unet_fixtures import apply_eval
+from unet_fixtures import random_params
+from unet_fixtures import SMALL
+from unet_fixtures import SMALL_DIFFUSERS
+from unet_fixtures import torch_unet
+
+from diffusion_jax.convert import diffusers_weights
+from diffusion_jax.models import conv
+from diffusion_jax.models import onednn
+from diffusion_jax.models.unet import UNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAME = ((1, 1), (1, 1))
+TARGET = "diffusion_jax_onednn_conv"
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _max_rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+def _problem(batch, height, width, cin, cout, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, height, width, cin)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+  b = rng.standard_normal(cout).astype(np.float32)
+  g = rng.standard_normal((batch, height, width, cout)).astype(np.float32)
+  return x, w, b, g
+
+
+def _conv_and_grads(x, w, b, g, algorithm):
+  f = lambda x, w, b: onednn.conv(x, w, 1, SAME, b, algorithm=algorithm)
+  y, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, w, b)
+  return (y, *jax.jit(vjp)(jnp.asarray(g)))
+
+
+GEOMETRIES = [  # batch, height, width, cin, cout
+    (1, 8, 8, 16, 16),
+    (3, 7, 7, 32, 16),     # odd maps: the last row and column of tiles are half outside
+    (2, 5, 6, 24, 40),     # non-square, odd height
+    (1, 1, 1, 16, 16),     # one pixel: one tile, three quarters outside
+    (2, 2, 3, 16, 17),
+    (3, 30, 34, 16, 24),   # 765 tiles: several chunks per thread, chunks across images
+    (2, 16, 16, 128, 64),  # the U-Net's channel counts
+]
+
+
+@pytest.mark.parametrize("batch,height,width,cin,cout", GEOMETRIES)
+def test_values_and_all_gradients_match_float64_numpy(batch, height, width, cin, cout):
+  x, w, b, g = _problem(batch, height, width, cin, cout, seed=height * 100 + cin)
+  want_y, want_dx, want_dw = numpy_conv_and_grads(x, w, g, 1)
+  want = (want_y + b, want_dx, want_dw, np.asarray(g, np.float64).sum(axis=(0, 1, 2)))
+  got = _conv_and_grads(x, w, b, g, "winograd")
+  direct = _conv_and_grads(x, w, b, g, "direct")
+  for name, mine, theirs, exact in zip(("y", "dx", "dw", "db"), got, direct, want):
+    assert mine.dtype == jnp.float32 and mine.shape == exact.shape, name
+    # Rounding only: within a few float32 units of the largest value, like oneDNN's
+    # direct convolution (the norm-relative error of both is ~1e-7).
+    assert _max_rel(mine, exact) < 3e-6, name
+    assert _rel(mine, exact) < 4 * _rel(theirs, exact) + 2e-7, name
+
+
+def test_gradients_are_bitwise_reproducible():
+  # The kernel gradient's partial sums are fixed per pool task, not per scheduling.
+  x, w, b, g = _problem(3, 30, 34, 16, 24, seed=5)
+  first = [np.asarray(a) for a in _conv_and_grads(x, w, b, g, "winograd")]
+  for _ in range(3):
+    again = _conv_and_grads(x, w, b, g, "winograd")
+    for a, c in zip(first, again):
+      np.testing.assert_array_equal(a, np.asarray(c))
+
+
+def test_grad_under_vmap_matches_numpy_per_example():
+  x, w, b, g = _problem(2, 6, 6, 16, 16, seed=7)
+  xs = np.stack([x, x[::-1]])
+  f = lambda x, w: jnp.sum(onednn.conv(x, w, 1, SAME, algorithm="winograd") * g)
+  got = jax.jit(jax.vmap(jax.grad(f, argnums=1), in_axes=(0, None)))(xs, w)
+  for i in range(2):
+    assert _max_rel(got[i], numpy_conv_and_grads(xs[i], w, g, 1)[2]) < 3e-6
+
+
+def test_auto_picks_winograd_where_it_pays_and_direct_elsewhere():
+  use = onednn._use_winograd
+  unet = dict(kernel_shape=(3, 3, 128, 128), stride=1, padding=SAME)
+  assert use("auto", x_shape=(8, 32, 32, 128), min_tiles=128, **unet)
+  assert not use("auto", x_shape=(1, 8, 8, 128), min_tiles=128, **unet)  # 16 tiles
+  assert use("auto", x_shape=(1, 8, 8, 128), min_tiles=16, **unet)
+  assert not use("direct", x_shape=(8, 32, 32, 128), **unet)
+  assert not use("auto", (3, 3, 3, 128), 1, SAME, (8, 32, 32, 3))  # image channels
+  assert not use("auto", (3, 3, 128, 128), 2, ((0, 1), (0, 1)), (8, 32, 32, 128))
+  assert not use("auto", (1, 1, 128, 128), 1, ((0, 0), (0, 0)), (8, 32, 32, 128))
+  assert use("winograd", (3, 3, 3, 1), 1, SAME, (1, 2, 2, 3), min_tiles=128)  # forced
+
+
+def test_the_lowered_program_carries_the_choice():
+  x = jnp.zeros((8, 16, 16, 32), jnp.float32)
+  w = jnp.zeros((3, 3, 32, 32), jnp.float32)
+  with conv.cpu_library("onednn"):
+    text = jax.jit(lambda x, w: conv.conv3x3(x, w)).lower(x, w).as_text()
+    strided = jax.jit(lambda x, w: conv.conv3x3(x, w, 2)).lower(x, w).as_text()
+  assert TARGET in text and "winograd = true" in text
+  assert TARGET in strided and "winograd = false" in strided
+
+
+def test_the_environment_turns_it_off_and_bad_values_are_named(monkeypatch):
+  shape = dict(kernel_shape=(3, 3, 64, 64), stride=1, padding=SAME, x_shape=(8, 32, 32, 64))
+  monkeypatch.setenv(onednn.WINOGRAD_ENV, "0")
+  assert not onednn._use_winograd("auto", **shape)
+  assert onednn._use_winograd("winograd", **shape)  # an explicit choice still holds
+  monkeypatch.setenv(onednn.WINOGRAD_ENV, "yes")
+  with pytest.raises(ValueError, match="DIFFUSION_JAX_WINOGRAD='yes'.*use 1.*or 0"):
+    onednn._use_winograd("auto", **shape)
+
+
+def test_bad_requests_fail_with_the_fix():
+  x = jnp.zeros((1, 8, 8, 16), jnp.float32)
+  with pytest.raises(ValueError, match="takes 3x3 kernels, stride 1.*algorithm='direct'"):
+    onednn.conv(x, jnp.zeros((3, 3, 16, 16)), 2, ((0, 1), (0, 1)), algorithm="winograd")
+  with pytest.raises(ValueError, match="algorithm='fast'"):
+    onednn.conv(x, jnp.zeros((3, 3, 16, 16)), 1, SAME, algorithm="fast")
+  # The handler checks the geometry itself too (a call that bypasses the Python check).
+  with pytest.raises(Exception, match="Winograd's algorithm takes 3x3 kernels"):
+    jax.block_until_ready(onednn.ffi_call(
+        "diffusion_jax_onednn_conv_forward", [(1, 8, 8, 16)], x,
+        jnp.zeros((1, 1, 16, 16)), jnp.zeros((16,)), stride_h=np.int64(1),
+        stride_w=np.int64(1), pad_top=np.int64(0), pad_bottom=np.int64(0),
+        pad_left=np.int64(0), pad_right=np.int64(0), winograd=True))
+
+
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+  """Every convolution Winograd applies to uses it, whatever its size."""
+  monkeypatch.setattr(onednn, "WINOGRAD_MIN_CHANNELS", 1)
+  monkeypatch.setattr(onednn, "WINOGRAD_MIN_TILES_FORWARD", 0)
+  monkeypatch.setattr(onednn, "WINOGRAD_MIN_TILES_BACKWARD", 0)
+
+
+def test_small_unet_matches_diffusers(winograd_everywhere):
+  model = torch_unet(SMALL_DIFFUSERS, seed=2)
+  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+  params = diffusers_weights.params_from_state_dict(state_dict, SMALL)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
+  t = rng.integers(0, 1000, size=3).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                 torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
+  with conv.cpu_library("onednn"):
+    apply = jax.jit(lambda p, x, t: apply_eval(SMALL, p, x, t))
+    text = apply.lower(params, x, t).as_text()
+    got = np.asarray(apply(params, x, t))
+  # All 38 3x3 stride-1 convolutions (2 in each of the 17 residual blocks, the first and
+  # last, 2 after upsampling); the 2 strided downsamplings and the 1x1 ones stay direct.
+  assert text.count("winograd = true") == 38 and text.count("winograd = false") >= 2
+  assert np.linalg.norm(want) > 0.1 * np.sqrt(want.size)
+  assert _rel(got, want) <= 1e-5
+
+
+def test_small_unet_parameter_gradients_match_xla_convolutions(winograd_everywhere):
+  params = random_params(SMALL, seed=4)
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
+  t = rng.integers(0, 1000, size=3).astype(np.int32)
+
+  def loss(p):
+    out = UNet(SMALL).apply({"params": p}, x, t, train=False)
+    return jnp.mean(jnp.sin(3.0 * out))
+
+  grads = {}
+  for library in ("onednn", "xla"):
+    with conv.cpu_library(library):
+      grads[library] = jax.jit(jax.grad(loss))(params)
+  leaves = jax.tree.leaves(grads["xla"])
+  total = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in leaves))
+  assert total > 1e-3
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads["onednn"]),
+                               leaves):
+    error = np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    bound = 1e-4 * np.linalg.norm(np.asarray(want, np.float64)) + 1e-6 * total
+    assert error <= bound, (jax.tree_util.keystr(path), error, bound)
+
+
+def test_default_in_a_one_device_process_uses_winograd_for_the_cifar10_shapes():
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from diffusion_jax.models import conv\n"
+      "x = jnp.zeros((8, 32, 32, 128)); w = jnp.zeros((3, 3, 128, 128))\n"
+      "f = lambda x, w: jnp.sum(conv.conv3x3(x, w))\n"
+      "t = jax.jit(jax.value_and_grad(f, (0, 1))).lower(x, w).as_text()\n"
+      "print(t.count('winograd = true'), t.count('winograd = false'))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.pop(onednn.WINOGRAD_ENV, None)
+  for setting, want in (("1", "2 0"), ("0", "0 2")):
+    env[onednn.WINOGRAD_ENV] = setting
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == want, result.stderr[-2000:]
