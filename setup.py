@@ -14,8 +14,9 @@ TensorFlow CPU and tensorflow-datasets, clu, ml-collections, absl-py). Additions
     15%-40% slower on the U-Net's shapes; `diffusion_jax/models/onednn.py` compiles a
     small XLA FFI wrapper against them on first use (needs g++) and falls back to XLA's
     convolutions where it cannot. These are the CPU-only, GNU-OpenMP builds (the newer
-    `onednn` wheels pull in Intel's SYCL/OpenCL runtimes). The same compiled library holds
-    our GroupNorm kernels (`diffusion_jax/native/group_norm.cc`), which need no oneDNN.
+    `onednn` wheels pull in Intel's SYCL/OpenCL runtimes). Our Winograd 3x3 convolutions
+    (`diffusion_jax/native/winograd.cc`) use its sgemm; the same compiled library holds our
+    GroupNorm and dropout kernels, which need no oneDNN.
 
 Test-only (extra "test"): pytest; torch (CPU build, pinned) and diffusers, the PyTorch port
 of the official network, used as the independent oracle for the U-Net and the benchmarks'

@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks import configs
 from benchmarks import harness
+from diffusion_jax import host_memory
 from diffusion_jax import compiler_options
 from diffusion_jax import models
 from diffusion_jax.models import conv
@@ -173,4 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   main()

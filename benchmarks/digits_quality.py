@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from diffusion_jax import host_memory
 from diffusion_jax import checkpointing
 from diffusion_jax import run_setup
 from diffusion_jax import sample_grid
@@ -107,5 +108,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   jax.config.config_with_absl()
   app.run(main)

@@ -33,6 +33,7 @@ from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
+from diffusion_jax import host_memory
 from diffusion_jax import bound
 from diffusion_jax import compiler_options
 from diffusion_jax import models
@@ -253,4 +254,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   main()

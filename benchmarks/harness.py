@@ -60,15 +60,27 @@ def machine_line() -> str:
           f"{kind})")
 
 
+def _host_memory_note() -> str:
+  from diffusion_jax import host_memory  # pylint: disable=g-import-not-at-top
+  if host_memory.applied():
+    return "; host memory: freed buffers reused (diffusion_jax/host_memory.py)"
+  return "; host memory: glibc's defaults"
+
+
 def convolution_library() -> str:
   """Which library runs our U-Net's convolutions (and GroupNorm, dropout) in float32 here,
   for the notes."""
   from diffusion_jax.models import conv  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.models import onednn  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     return f"our convolutions: XLA's on {jax.default_backend()}"
   if conv.onednn_enabled():
-    return ("our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py); GroupNorm "
-            "and dropout: our compiled kernels (diffusion_jax/native)")
+    winograd = os.environ.get(onednn.WINOGRAD_ENV, "1") == "1"
+    return ("our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py), the 3x3 "
+            "stride-1 ones " + ("by Winograd F(2x2, 3x3) (native/winograd.cc)" if winograd
+                                else "direct (DIFFUSION_JAX_WINOGRAD=0)") +
+            "; GroupNorm and dropout: our compiled kernels (diffusion_jax/native)" +
+            _host_memory_note())
   return "our convolutions: XLA:CPU's own"
 
 

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from benchmarks import configs
 from benchmarks import harness
+from diffusion_jax import host_memory
 from diffusion_jax import data_sources
 from diffusion_jax import input_pipeline
 from diffusion_jax import sharding as sharding_lib
@@ -124,4 +125,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   main()

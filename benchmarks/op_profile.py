@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import train_step as train_step_bench
+from diffusion_jax import host_memory
 from diffusion_jax import compiler_options
 from diffusion_jax import run_setup
 from diffusion_jax import sharding
@@ -185,4 +186,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   main()

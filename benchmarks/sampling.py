@@ -25,6 +25,7 @@ from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
+from diffusion_jax import host_memory
 from diffusion_jax import compiler_options
 from diffusion_jax import models
 from diffusion_jax import randomness
@@ -148,4 +149,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   main()

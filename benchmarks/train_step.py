@@ -26,6 +26,7 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
+from diffusion_jax import host_memory
 from diffusion_jax import optimizer
 from diffusion_jax import run_setup
 from diffusion_jax import sharding
@@ -156,4 +157,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()
   main()

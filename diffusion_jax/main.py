@@ -25,6 +25,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from diffusion_jax import host_memory
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (`path.py` or `path.py:smoke`).",
@@ -106,5 +108,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reuse_freed_memory()  # before JAX starts its threads
   jax.config.config_with_absl()
   app.run(main)
