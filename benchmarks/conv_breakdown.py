@@ -11,7 +11,9 @@ parts in PyTorch (`conv2d` forward, `torch.nn.grad.conv2d_input/weight`, what it
 autograd runs). Where `conv.conv3x3` runs float32 convolutions through oneDNN
 (`models/onednn.py`: CPU, one device), its two calls are timed too: the forward (with
 its bias) and the input, kernel and bias gradients in one call (compare with the sum of
-the XLA or PyTorch gradient rows). Times times counts give each part's cost per train
+the XLA or PyTorch gradient rows), once with oneDNN's direct convolution and once as
+`conv.conv3x3` chooses ("auto": Winograd's F(2x2, 3x3) where it pays). FLOP/s count the
+direct convolution's multiplications (Winograd's products need 2.25x fewer). Times times counts give each part's cost per train
 step, in ms and GFLOP/s, next to the measured matmul peak. CPU time (both threads) is
 printed too: on a shared machine it moves less with other load than wall time does.
 """
@@ -102,10 +104,13 @@ def part_functions(x_shape, cout: int, stride: int, torch=None) -> dict:
          "kernel grad (xla)": lambda: grad_xla(x, g)}
   if conv.onednn_enabled():
     padding = (conv.same_padding(x_shape[1], stride), conv.same_padding(x_shape[2], stride))
-    dnn_forward = jit(lambda x, w: onednn.conv_forward(x, w, stride, padding))
-    dnn_backward = jit(lambda x, w, g: onednn.conv_backward(x, w, g, stride, padding))
-    fns["oneDNN forward"] = lambda: dnn_forward(x, kernel)
-    fns["oneDNN both gradients"] = lambda: dnn_backward(x, kernel, g)
+    for label, algorithm in (("oneDNN direct", "direct"), ("ours (auto)", "auto")):
+      dnn_forward = jit(functools.partial(onednn.conv_forward, stride=stride,
+                                          padding=padding, algorithm=algorithm))
+      dnn_backward = jit(functools.partial(onednn.conv_backward, stride=stride,
+                                           padding=padding, algorithm=algorithm))
+      fns[f"{label} forward"] = functools.partial(dnn_forward, x, kernel)
+      fns[f"{label} both gradients"] = functools.partial(dnn_backward, x, kernel, g)
   if torch is not None:
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
     tw = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
@@ -153,7 +158,7 @@ def main(argv=None):
     flops = 2.0 * out_pixels * 9 * x_shape[-1] * cout
     times = _time(part_functions(x_shape, cout, stride, torch), args.repeats)
     for name, (wall, cpu) in times.items():
-      parts = 2 if name == "oneDNN both gradients" else 1
+      parts = 2 if name.endswith("both gradients") else 1
       totals[name][0] += count * wall
       totals[name][1] += count * cpu
       totals[name][2] += count * flops * parts

@@ -75,9 +75,9 @@ def convolution_library() -> str:
   if jax.default_backend() != "cpu":
     return f"our convolutions: XLA's on {jax.default_backend()}"
   if conv.onednn_enabled():
-    winograd = os.environ.get(onednn.WINOGRAD_ENV, "1") == "1"
     return ("our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py), the 3x3 "
-            "stride-1 ones " + ("by Winograd F(2x2, 3x3) (native/winograd.cc)" if winograd
+            "stride-1 ones " + ("by Winograd F(2x2, 3x3) where it pays (native/winograd.cc)"
+                                if onednn.winograd_enabled()
                                 else "direct (DIFFUSION_JAX_WINOGRAD=0)") +
             "; GroupNorm and dropout: our compiled kernels (diffusion_jax/native)" +
             _host_memory_note())

@@ -84,6 +84,16 @@ def test_values_and_all_gradients_match_float64_numpy(batch, height, width, cin,
     assert _rel(mine, exact) < 4 * _rel(theirs, exact) + 2e-7, name
 
 
+def test_non_finite_inputs_give_non_finite_outputs_around_them():
+  # The transforms subtract inputs, so an inf turns into NaN (inf - inf) rather than inf;
+  # either way it is not lost (NaN-loss checks see it).
+  x, w, b, _ = _problem(1, 8, 8, 16, 16, seed=9)
+  x[0, 3, 4, 5] = np.inf
+  y = np.asarray(onednn.conv(x, w, 1, SAME, b, algorithm="winograd"))
+  assert not np.isfinite(y[0, 2:5, 3:6]).any()
+  assert np.isfinite(np.delete(np.delete(y[0], range(1, 6), 0), range(2, 7), 1)).all()
+
+
 def test_gradients_are_bitwise_reproducible():
   # The kernel gradient's partial sums are fixed per pool task, not per scheduling.
   x, w, b, g = _problem(3, 30, 34, 16, 24, seed=5)
@@ -113,7 +123,24 @@ def test_auto_picks_winograd_where_it_pays_and_direct_elsewhere():
   assert not use("auto", (3, 3, 3, 128), 1, SAME, (8, 32, 32, 3))  # image channels
   assert not use("auto", (3, 3, 128, 128), 2, ((0, 1), (0, 1)), (8, 32, 32, 128))
   assert not use("auto", (1, 1, 128, 128), 1, ((0, 0), (0, 0)), (8, 32, 32, 128))
+  assert not use("auto", (3, 3, 128, 3), 1, SAME, (8, 32, 32, 128))  # to image channels
+  assert use("auto", (3, 3, 16, 16), 1, SAME, (8, 32, 32, 16))  # the channel boundary
+  assert not use("auto", (3, 3, 15, 16), 1, SAME, (8, 32, 32, 15))
+  assert not use("auto", (3, 3, 16, 15), 1, SAME, (8, 32, 32, 16))
+  assert use("auto", x_shape=(2, 16, 15, 128), min_tiles=128, **unet)  # 2 x 8 x 8 tiles
+  assert not use("auto", x_shape=(2, 16, 13, 128), min_tiles=128, **unet)  # 2 x 8 x 7
   assert use("winograd", (3, 3, 3, 1), 1, SAME, (1, 2, 2, 3), min_tiles=128)  # forced
+
+
+def test_forward_and_gradients_take_their_own_tile_thresholds():
+  # 64 tiles: enough for the forward (WINOGRAD_MIN_TILES_FORWARD = 32), not for the
+  # gradients (WINOGRAD_MIN_TILES_BACKWARD = 128).
+  assert onednn.WINOGRAD_MIN_TILES_FORWARD <= 64 < onednn.WINOGRAD_MIN_TILES_BACKWARD
+  x = jnp.zeros((1, 16, 16, 32), jnp.float32)
+  w = jnp.zeros((3, 3, 32, 32), jnp.float32)
+  f = lambda x, w: jnp.sum(onednn.conv(x, w, 1, SAME))
+  text = jax.jit(jax.value_and_grad(f, (0, 1))).lower(x, w).as_text()
+  assert text.count("winograd = true") == 1 and text.count("winograd = false") == 1
 
 
 def test_the_lowered_program_carries_the_choice():

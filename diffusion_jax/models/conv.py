@@ -19,12 +19,14 @@ in two forms, chosen by `kernel_grad` or the enclosing `kernel_gradient` context
   comparison. Being a custom VJP it supports reverse mode (grad, vjp, also nested and
   under vmap) but not forward mode (jvp, jacfwd).
 
-Forward values are identical in both modes; the gradients agree up to the order of sums.
+Both modes compute the same forward convolution; the gradients agree up to the order of
+sums.
 
 On CPU, in "xla" mode, float32 convolutions run through oneDNN (`onednn.conv`: forward,
 input and kernel gradient; faster than XLA:CPU's own on every shape; the stride-1 ones
-by Winograd's F(2x2, 3x3), see `onednn.conv`) when the program sees a single device and
-the library could be built (`onednn.available()`); see `cpu_library`. Being a custom VJP, that path has no forward mode: trace under
+with enough channels and tiles by Winograd's F(2x2, 3x3), see `onednn.conv`) when the
+program sees a single device and the library could be built (`onednn.available()`); see
+`cpu_library`. Being a custom VJP, that path has no forward mode: trace under
 `cpu_library("xla")` for jvp. Otherwise convolutions with few output positions (at most
 `PATCHES_MAX_POSITIONS` = batch x H' x W': the 4x4 maps of the CIFAR10 network at batch
 8) are one matrix product of their 3x3 patches (`conv3x3_patches`), where XLA:CPU's

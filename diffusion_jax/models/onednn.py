@@ -15,9 +15,10 @@ The 3x3 stride-1 convolutions with enough channels and tiles (`conv`'s `algorith
 computed by Winograd's F(2x2, 3x3) instead (`native/winograd.cc`: transforms of 4x4 input
 blocks, 16 matrix products over the channels through oneDNN's sgemm, 2.25x fewer
 multiplications than the direct convolution; this oneDNN build has no Winograd kernels
-of its own). Forward and both gradients, 1.4x-2x faster than the direct convolutions on
-the U-Net's shapes at batch 8 and 32; the values differ by float32 rounding only.
-`DIFFUSION_JAX_WINOGRAD=0` keeps the direct convolutions for all.
+of its own). Forward and both gradients, 1.1x-2x faster than the direct convolutions on
+the U-Net's shapes at batch 8 and 32 (`benchmarks/RESULTS.md`); for finite inputs the
+values differ by float32 rounding only (an inf input gives NaN outputs around it, where
+the direct convolution gives infs: the transforms subtract inputs).
 
 `available()` says whether the library could be built and loaded; if not (no C++
 compiler, packages missing, not Linux x86-64), it logs the reason and the fix once and
@@ -26,6 +27,8 @@ compiler, packages missing, not Linux x86-64), it logs the reason and the fix on
 - `DIFFUSION_JAX_CACHE`: the cache folder (default `$XDG_CACHE_HOME/diffusion_jax`, i.e.
   `~/.cache/diffusion_jax`).
 - `CXX`: the C++ compiler (default `g++`).
+- `DIFFUSION_JAX_WINOGRAD`: 1 (default) or 0 (the direct convolutions for all). Read
+  when a function is traced: a function already compiled keeps its choice.
 """
 
 from __future__ import annotations
@@ -225,8 +228,9 @@ WINOGRAD_MIN_CHANNELS = 16
 # ... and with fewer tiles than these (batch x ceil(H / 2) x ceil(W / 2)) the kernel
 # transforms and the small products cost more than they save; the gradients need more
 # tiles than the forward (their kernel gradient is a product over the tiles). Timed on
-# the U-Net's shapes, 2 cores (`benchmarks/RESULTS.md`): forward 0.8x-1.9x at 16-64
-# tiles, gradients 0.5x-0.9x below 128 tiles, 1.3x-2x from 128 tiles on.
+# the U-Net's shapes, 2 cores (`benchmarks/RESULTS.md`, "Winograd against the direct
+# convolutions"): forward 1.3x-1.9x at 32-64 tiles (0.8x-0.9x at 16), gradients 0.5x-0.9x
+# below 128 tiles, 1.1x-2x from 128 tiles on.
 WINOGRAD_MIN_TILES_FORWARD = 32
 WINOGRAD_MIN_TILES_BACKWARD = 128
 
@@ -236,6 +240,20 @@ def winograd_applies(kernel_shape, stride: int, padding: Padding) -> bool:
   one pixel of zero padding on every side (the U-Net's "SAME" 3x3 convolutions)."""
   return (tuple(kernel_shape[:2]) == (3, 3) and stride == 1
           and tuple(map(tuple, padding)) == ((1, 1), (1, 1)))
+
+
+def winograd_enabled() -> bool:
+  """Whether `DIFFUSION_JAX_WINOGRAD` lets "auto" choose Winograd's algorithm (default 1).
+
+  Raises:
+    ValueError: the variable is set to something other than 0 or 1.
+  """
+  env = os.environ.get(WINOGRAD_ENV) or "1"
+  if env not in ("0", "1"):
+    raise ValueError(f"{WINOGRAD_ENV}={env!r}; use 1 (Winograd's algorithm for the 3x3 "
+                     f"convolutions it applies to, the default) or 0 (oneDNN's direct "
+                     f"convolution for all).")
+  return env == "1"
 
 
 def _use_winograd(algorithm: str, kernel_shape, stride: int, padding: Padding,
@@ -252,13 +270,9 @@ def _use_winograd(algorithm: str, kernel_shape, stride: int, padding: Padding,
     return True
   if algorithm == "direct":
     return False
-  env = os.environ.get(WINOGRAD_ENV, "1")
-  if env not in ("0", "1"):
-    raise ValueError(f"{WINOGRAD_ENV}={env!r}; use 1 (Winograd's algorithm for the 3x3 "
-                     f"convolutions it applies to, the default) or 0 (oneDNN's direct "
-                     f"convolution for all).")
+  enabled = winograd_enabled()
   tiles = x_shape[0] * -(-x_shape[1] // 2) * -(-x_shape[2] // 2) if x_shape else 0
-  return (env == "1" and applies and tiles >= min_tiles and
+  return (enabled and applies and tiles >= min_tiles and
           min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS)
 
 
@@ -296,6 +310,9 @@ def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
                   padding: Padding, algorithm: Algorithm = "auto"
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The three gradients of `conv_forward` for the output cotangent g [B, H', W', Cout].
+
+  `algorithm` as in `conv`, with the gradients' tile threshold
+  (`WINOGRAD_MIN_TILES_BACKWARD`) for "auto".
 
   Returns:
     (dx [B, H, W, Cin], dkernel [KH, KW, Cin, Cout], dbias [Cout]); dkernel[i, j] = sum
@@ -341,11 +358,13 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
     bias: [Cout] float32, or None (zero; its gradient is computed and dropped).
     algorithm: "direct" (oneDNN's convolution), "winograd" (F(2x2, 3x3) over oneDNN's
       sgemm, native/winograd.h: 3x3 kernels, stride 1, padding 1 only; the products
-      need 2.25x fewer multiplications, the values differ by rounding), or "auto":
+      need 2.25x fewer multiplications; for finite inputs the values differ by
+      rounding only), or "auto":
       Winograd where it applies, both channel counts are at least
       `WINOGRAD_MIN_CHANNELS` and the batch has at least `WINOGRAD_MIN_TILES_FORWARD`
       (forward) or `WINOGRAD_MIN_TILES_BACKWARD` (gradients) 2x2 output tiles, unless
-      `DIFFUSION_JAX_WINOGRAD=0`; else direct.
+      `DIFFUSION_JAX_WINOGRAD=0` (read when traced); else direct. Forward and
+      gradients may thus use different algorithms.
 
   Returns:
     [B, H', W', Cout] float32.

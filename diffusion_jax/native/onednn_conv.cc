@@ -6,7 +6,9 @@
 //   DjOnednnConvBackward  dx = conv^T_x(dy, w),              x, w, dy -> dx, dw, db
 //                         dw = conv^T_w(x, dy), db = sum_{n,h,w} dy
 // Attributes: strides (stride_h, stride_w) and explicit zero padding (pad_top,
-// pad_bottom, pad_left, pad_right), as in lax.conv_general_dilated.
+// pad_bottom, pad_left, pad_right), as in lax.conv_general_dilated; `winograd` (bool):
+// compute the call by Winograd's F(2x2, 3x3) instead (winograd.h; 3x3 kernels, stride 1,
+// padding 1 only), else by oneDNN's direct convolution.
 //
 // Threads: XLA:CPU runs independent operations of a program at the same time on its own
 // thread pool. oneDNN's OpenMP parallelism would add a second set of threads that
@@ -382,6 +384,11 @@ ffi::Error CheckBias(ffi::Span<const int64_t> bias, const Shape& s) {
 
 // An error if Winograd's algorithm is asked for a geometry it does not compute.
 ffi::Error CheckWinograd(bool winograd, const Shape& s) {
+  if (winograd && (s.cin < 1 || s.cout < 1)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: Winograd's algorithm needs at least one input "
+                      "and one output channel");
+  }
   if (!winograd ||
       diffusion_jax::winograd::Applies(s.kh, s.kw, s.sh, s.sw, s.pt, s.pb, s.pl, s.pr)) {
     return ffi::Error::Success();

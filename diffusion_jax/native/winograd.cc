@@ -19,8 +19,10 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-// G (4x3) of F(2x2, 3x3), the kernel transform U = G g G^T:
-//   [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+// The matrices of F(2x2, 3x3), written out in the transforms below:
+//   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]   (4x4 inputs)
+//   G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]     (3x3 kernel)
+//   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]                                (2x2 outputs)
 
 // The tiles of a batch: 2x2 output blocks, tile t = (image, ty, tx) in row-major order.
 struct Tiles {
@@ -37,12 +39,14 @@ struct Tiles {
 };
 
 // Tiles per chunk: about 2 MiB of transformed inputs and products (16 x tiles x (cin +
-// cout) floats, the core's L2 cache), at least 64 tiles (smaller products run slower:
-// 0.85x at 32 tiles, 512 + 256 channels), and no more than an equal share of each
-// pool thread.
+// cout) floats, the core's L2 cache) but at least 64 tiles (smaller products run slower:
+// 0.85x at 32 tiles, 512 + 256 channels), unless an equal share of the tiles per pool
+// thread is smaller (then that share, at least 16 tiles).
 int64_t ChunkTiles(const Tiles& tiles, int64_t cin, int64_t cout, int64_t threads) {
-  const int64_t cached = std::clamp<int64_t>((int64_t{2} << 20) / (64 * (cin + cout)), 64, 256);
-  const int64_t share = (tiles.count() + threads - 1) / std::max<int64_t>(threads, 1);
+  const int64_t cached =
+      std::clamp<int64_t>((int64_t{2} << 20) / (64 * (cin + cout)), 64, 256);
+  const int64_t t = std::max<int64_t>(threads, 1);
+  const int64_t share = (tiles.count() + t - 1) / t;
   return std::max<int64_t>(std::min(cached, share), 16);
 }
 
@@ -242,7 +246,10 @@ void KernelGrad(ffi::ThreadPool& pool, const Tiles& tiles, int64_t ci, int64_t c
                 const float* x, const float* dy, float* dk, float* db) {
   const int64_t chunk = ChunkTiles(tiles, ci, co, pool.num_threads());
   const int64_t chunks = (tiles.count() + chunk - 1) / chunk;
-  const int64_t workers = Workers(pool, chunks), plane = ci * co;
+  const int64_t plane = ci * co;
+  // Each worker's partial gradient is 16 ci co floats: at most 256 MiB of them in all.
+  const int64_t workers = std::min<int64_t>(
+      Workers(pool, chunks), std::max<int64_t>(1, (int64_t{64} << 20) / (16 * plane)));
   const std::vector<float> zeros(ci, 0.f);
   // Worker w's transformed kernel gradient [16, ci, co] and bias gradient [co].
   std::vector<std::unique_ptr<float[]>> partial(workers);
