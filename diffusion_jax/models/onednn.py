@@ -327,18 +327,25 @@ def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
   return dx, dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv(x, kernel, bias, stride, padding, algorithm):
-  return conv_forward(x, kernel, stride, padding, bias, algorithm)
+# The algorithms arrive decided ("direct" or "winograd" each way): decided inside, the
+# choice would be cached with the custom VJP's trace and outlive a change of the
+# thresholds or of DIFFUSION_JAX_WINOGRAD.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv(x, kernel, bias, stride, padding, forward_algorithm, backward_algorithm):
+  del backward_algorithm
+  return conv_forward(x, kernel, stride, padding, bias, forward_algorithm)
 
 
-def _conv_fwd(x, kernel, bias, stride, padding, algorithm):
-  return conv_forward(x, kernel, stride, padding, bias, algorithm), (x, kernel)
+def _conv_fwd(x, kernel, bias, stride, padding, forward_algorithm, backward_algorithm):
+  del backward_algorithm
+  return conv_forward(x, kernel, stride, padding, bias, forward_algorithm), (x, kernel)
 
 
-def _conv_bwd(stride, padding, algorithm, residuals, g):
+def _conv_bwd(stride, padding, forward_algorithm, backward_algorithm, residuals, g):
+  del forward_algorithm
   x, kernel = residuals
-  return conv_backward(x, kernel, g.astype(jnp.float32), stride, padding, algorithm)
+  return conv_backward(x, kernel, g.astype(jnp.float32), stride, padding,
+                       backward_algorithm)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -369,5 +376,9 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
   Returns:
     [B, H', W', Cout] float32.
   """
-  _use_winograd(algorithm, kernel.shape, stride, padding)  # errors at trace time
-  return _conv(x, kernel, _bias_or_zeros(bias, kernel), stride, padding, algorithm)
+  decided = [
+      "winograd" if _use_winograd(algorithm, kernel.shape, stride, padding, x.shape,
+                                  min_tiles) else "direct"
+      for min_tiles in (WINOGRAD_MIN_TILES_FORWARD, WINOGRAD_MIN_TILES_BACKWARD)]
+  return _conv(x, kernel, _bias_or_zeros(bias, kernel), stride, tuple(map(tuple, padding)),
+               *decided)
