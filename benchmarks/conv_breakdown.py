@@ -31,8 +31,8 @@ import numpy as np
 
 from benchmarks import configs
 from benchmarks import harness
-from diffusion_jax import host_memory
 from diffusion_jax import compiler_options
+from diffusion_jax import host_memory
 from diffusion_jax import models
 from diffusion_jax.models import conv
 from diffusion_jax.models import onednn

@@ -29,8 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import host_memory
 from diffusion_jax import checkpointing
+from diffusion_jax import host_memory
 from diffusion_jax import run_setup
 from diffusion_jax import sample_grid
 from diffusion_jax import sharding

@@ -33,11 +33,10 @@ from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
-from diffusion_jax import host_memory
 from diffusion_jax import bound
 from diffusion_jax import compiler_options
+from diffusion_jax import host_memory
 from diffusion_jax import models
-from diffusion_jax import run_setup
 from diffusion_jax import schedules
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import resize

@@ -28,8 +28,8 @@ import tensorflow as tf
 
 from benchmarks import configs
 from benchmarks import harness
-from diffusion_jax import host_memory
 from diffusion_jax import data_sources
+from diffusion_jax import host_memory
 from diffusion_jax import input_pipeline
 from diffusion_jax import sharding as sharding_lib
 

@@ -37,8 +37,8 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import train_step as train_step_bench
-from diffusion_jax import host_memory
 from diffusion_jax import compiler_options
+from diffusion_jax import host_memory
 from diffusion_jax import run_setup
 from diffusion_jax import sharding
 from diffusion_jax.models import conv

@@ -18,15 +18,13 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
-from diffusion_jax import host_memory
 from diffusion_jax import compiler_options
+from diffusion_jax import host_memory
 from diffusion_jax import models
 from diffusion_jax import randomness
 from diffusion_jax import run_setup

@@ -20,7 +20,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import configs

@@ -12,6 +12,7 @@ The session runs with 8 fake CPU devices, where `conv3x3` leaves oneDNN off by d
 """
 
 import ctypes
+import functools
 import os
 import subprocess
 import sys
@@ -20,16 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from unet_fixtures import random_params
-from unet_fixtures import SMALL
-from unet_fixtures import SMALL_DIFFUSERS
-from unet_fixtures import torch_unet
+from unet_fixtures import assert_gradients_close
+from unet_fixtures import small_unet_against_diffusers
+from unet_fixtures import small_unet_parameter_gradients
 
-from diffusion_jax.convert import diffusers_weights
 from diffusion_jax.models import conv
 from diffusion_jax.models import onednn
-from diffusion_jax.models.unet import UNet
 
 TARGET = "diffusion_jax_onednn_conv"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,54 +204,23 @@ def test_auto_uses_onednn_in_a_one_device_process_and_the_environment_turns_it_o
     assert result.stdout.strip().splitlines()[-1] == want, result.stderr[-2000:]
 
 
-def test_small_unet_matches_diffusers_with_onednn_convolutions():
-  # Every convolution of the network, strided downsampling included, through oneDNN.
-  model = torch_unet(SMALL_DIFFUSERS, seed=1)
-  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
-  params = diffusers_weights.params_from_state_dict(state_dict, SMALL)
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
-  t = rng.integers(0, 1000, size=3).astype(np.int32)
-  with torch.no_grad():
-    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                 torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
+def test_small_unet_matches_diffusers_with_onednn_convolutions(monkeypatch):
+  # Every convolution of the network, strided downsampling included, through oneDNN's
+  # direct convolution (Winograd's: test_winograd.py).
+  monkeypatch.setenv(onednn.WINOGRAD_ENV, "0")
   with conv.cpu_library("onednn"):
-    # A fresh jit of the model itself: the fixtures' apply_eval keeps its first trace per
-    # shape for the session, whichever library that trace used.
-    apply = jax.jit(lambda p, x, t: UNet(SMALL).apply({"params": p}, x, t, train=False))
-    hlo = apply.lower(params, x, t).as_text()
-    got = np.asarray(apply(params, x, t))
-  assert hlo.count(TARGET) >= 20  # every 3x3 convolution of the small network
+    want, got, hlo = small_unet_against_diffusers(seed=1)
+  assert hlo.count(TARGET) >= 20 and "winograd = true" not in hlo
   assert np.linalg.norm(want) > 0.1 * np.sqrt(want.size)
   assert _rel(got, want) <= 1e-5
 
 
-def test_small_unet_parameter_gradients_match_xla_convolutions():
-  params = random_params(SMALL, seed=3)
-  rng = np.random.default_rng(3)
-  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
-  t = rng.integers(0, 1000, size=3).astype(np.int32)
-
-  def loss(p):
-    out = UNet(SMALL).apply({"params": p}, x, t, train=False)
-    return jnp.mean(jnp.sin(3.0 * out))
-
-  grads = {}
-  for library in ("onednn", "xla"):
-    with conv.cpu_library(library):
-      grads[library] = jax.jit(jax.grad(loss))(params)
-  flat_onednn = jax.tree_util.tree_leaves_with_path(grads["onednn"])
-  flat_xla = jax.tree.leaves(grads["xla"])
-  assert len(flat_onednn) == len(flat_xla)
-  total = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in flat_xla))
-  assert total > 1e-3
-  for (path, got), want in zip(flat_onednn, flat_xla):
-    # Per leaf, relative to its own size; leaves whose gradient is zero in exact
-    # arithmetic (the attention's key bias: softmax ignores a constant logit shift) are
-    # rounding noise, held to a millionth of the whole gradient instead.
-    error = np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-    bound = 1e-4 * np.linalg.norm(np.asarray(want, np.float64)) + 1e-6 * total
-    assert error <= bound, (jax.tree_util.keystr(path), error, bound)
+def test_small_unet_parameter_gradients_match_xla_convolutions(monkeypatch):
+  monkeypatch.setenv(onednn.WINOGRAD_ENV, "0")
+  grads = small_unet_parameter_gradients(
+      3, {library: functools.partial(conv.cpu_library, library)
+          for library in ("onednn", "xla")})
+  assert_gradients_close(grads["onednn"], grads["xla"])
 
 
 def test_build_errors_name_the_missing_piece_and_the_fix(tmp_path, monkeypatch):

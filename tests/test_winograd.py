@@ -7,6 +7,7 @@ not multiples of the vector width, and enough tiles for several chunks per pool 
 with chunks that straddle two images.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,17 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from test_onednn_conv import numpy_conv_and_grads
-from unet_fixtures import random_params
-from unet_fixtures import SMALL
-from unet_fixtures import SMALL_DIFFUSERS
-from unet_fixtures import torch_unet
+from unet_fixtures import assert_gradients_close
+from unet_fixtures import small_unet_against_diffusers
+from unet_fixtures import small_unet_parameter_gradients
 
-from diffusion_jax.convert import diffusers_weights
 from diffusion_jax.models import conv
 from diffusion_jax.models import onednn
-from diffusion_jax.models.unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAME = ((1, 1), (1, 1))
@@ -186,21 +183,8 @@ def winograd_everywhere(monkeypatch):
 
 
 def test_small_unet_matches_diffusers(winograd_everywhere):
-  model = torch_unet(SMALL_DIFFUSERS, seed=2)
-  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
-  params = diffusers_weights.params_from_state_dict(state_dict, SMALL)
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
-  t = rng.integers(0, 1000, size=3).astype(np.int32)
-  with torch.no_grad():
-    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                 torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
   with conv.cpu_library("onednn"):
-    # A fresh jit of the model itself (the fixtures' apply_eval keeps its first trace per
-    # shape for the session, whatever the thresholds were then).
-    apply = jax.jit(lambda p, x, t: UNet(SMALL).apply({"params": p}, x, t, train=False))
-    text = apply.lower(params, x, t).as_text()
-    got = np.asarray(apply(params, x, t))
+    want, got, text = small_unet_against_diffusers(seed=2)
   # All 38 3x3 stride-1 convolutions (2 in each of the 17 residual blocks, the first and
   # last, 2 after upsampling); the 2 strided downsamplings and the 1x1 ones stay direct.
   assert text.count("winograd = true") == 38 and text.count("winograd = false") >= 2
@@ -209,27 +193,10 @@ def test_small_unet_matches_diffusers(winograd_everywhere):
 
 
 def test_small_unet_parameter_gradients_match_xla_convolutions(winograd_everywhere):
-  params = random_params(SMALL, seed=4)
-  rng = np.random.default_rng(4)
-  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
-  t = rng.integers(0, 1000, size=3).astype(np.int32)
-
-  def loss(p):
-    out = UNet(SMALL).apply({"params": p}, x, t, train=False)
-    return jnp.mean(jnp.sin(3.0 * out))
-
-  grads = {}
-  for library in ("onednn", "xla"):
-    with conv.cpu_library(library):
-      grads[library] = jax.jit(jax.grad(loss))(params)
-  leaves = jax.tree.leaves(grads["xla"])
-  total = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in leaves))
-  assert total > 1e-3
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads["onednn"]),
-                               leaves):
-    error = np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-    bound = 1e-4 * np.linalg.norm(np.asarray(want, np.float64)) + 1e-6 * total
-    assert error <= bound, (jax.tree_util.keystr(path), error, bound)
+  grads = small_unet_parameter_gradients(
+      4, {library: functools.partial(conv.cpu_library, library)
+          for library in ("onednn", "xla")})
+  assert_gradients_close(grads["onednn"], grads["xla"])
 
 
 def test_default_in_a_one_device_process_uses_winograd_for_the_cifar10_shapes():

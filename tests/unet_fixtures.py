@@ -111,6 +111,63 @@ def torch_unet(config_json, seed):
   return model
 
 
+def small_unet_against_diffusers(seed):
+  """SMALL at batch 3 through diffusers and through ours: (want, got, our lowered text).
+
+  Ours is a fresh jit of the model (unlike `apply_eval`, whose first trace per shape is
+  kept for the session), so it follows the caller's convolution settings
+  (`conv.cpu_library`, Winograd thresholds).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.convert import diffusers_weights  # pylint: disable=g-import-not-at-top
+  model = torch_unet(SMALL_DIFFUSERS, seed=seed)
+  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+  params = diffusers_weights.params_from_state_dict(state_dict, SMALL)
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
+  t = rng.integers(0, 1000, size=3).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                 torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
+  apply = jax.jit(lambda p, x, t: UNet(SMALL).apply({"params": p}, x, t, train=False))
+  return want, np.asarray(apply(params, x, t)), apply.lower(params, x, t).as_text()
+
+
+def small_unet_parameter_gradients(seed, contexts):
+  """The gradient of a loss of SMALL's output (batch 3) w.r.t. random parameters, once
+  inside each of `contexts` (name -> context manager factory): name -> gradient tree."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = random_params(SMALL, seed=seed)
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
+  t = rng.integers(0, 1000, size=3).astype(np.int32)
+
+  def loss(p):
+    out = UNet(SMALL).apply({"params": p}, x, t, train=False)
+    return jnp.mean(jnp.sin(3.0 * out))
+
+  grads = {}
+  for name, context in contexts.items():
+    with context():
+      grads[name] = jax.jit(jax.grad(loss))(params)
+  return grads
+
+
+def assert_gradients_close(got, want):
+  """Per leaf, relative to its own size; leaves whose gradient is zero in exact arithmetic
+  (the attention's key bias: softmax ignores a constant logit shift) are rounding noise,
+  held to a millionth of the whole gradient instead."""
+  leaves = jax.tree.leaves(want)
+  total = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in leaves))
+  assert total > 1e-3
+  flat = jax.tree_util.tree_leaves_with_path(got)
+  assert len(flat) == len(leaves)
+  for (path, a), b in zip(flat, leaves):
+    error = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    bound = 1e-4 * np.linalg.norm(np.asarray(b, np.float64)) + 1e-6 * total
+    assert error <= bound, (jax.tree_util.keystr(path), error, bound)
+
+
 def official_variables(ch, ch_mult, num_res_blocks, attn_resolutions, in_ch, out_ch,
                        image_size, resamp_with_conv=True):
   """[(name, shape)] of the official TF graph, walking `diffusion_tf/models/unet.py`.

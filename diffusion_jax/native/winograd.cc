@@ -36,6 +36,19 @@ struct Tiles {
     *ty = r / cols;
     *tx = r % cols;
   }
+  // The pixels of tile t's 2x2 output block in `data` [n, h, w, c]: block[0][0] (always
+  // inside the image) and its right, lower and diagonal neighbours (null outside).
+  template <typename T>
+  void OutputBlock(int64_t t, T* data, int64_t c, T* block[2][2]) const {
+    int64_t image, ty, tx;
+    locate(t, &image, &ty, &tx);
+    const int64_t row = 2 * ty, col = 2 * tx;
+    const bool down = row + 1 < h, right = col + 1 < w;
+    block[0][0] = data + ((image * h + row) * w + col) * c;
+    block[0][1] = right ? block[0][0] + c : nullptr;
+    block[1][0] = down ? block[0][0] + w * c : nullptr;
+    block[1][1] = down && right ? block[1][0] + c : nullptr;
+  }
 };
 
 // Tiles per chunk: about 2 MiB of transformed inputs and products (16 x tiles x (cin +
@@ -147,14 +160,9 @@ void OutputTransform(const Tiles& tiles, const float* m, int64_t c, const float*
                      int64_t first, int64_t count, int64_t stride, float* y) {
   const int64_t plane = stride * c;
   for (int64_t t = 0; t < count; ++t) {
-    int64_t image, ty, tx;
-    tiles.locate(first + t, &image, &ty, &tx);
-    const int64_t row = 2 * ty, col = 2 * tx;
-    const bool down = row + 1 < tiles.h, right = col + 1 < tiles.w;
-    float* y00 = y + ((image * tiles.h + row) * tiles.w + col) * c;
-    float* y01 = right ? y00 + c : nullptr;
-    float* y10 = down ? y00 + tiles.w * c : nullptr;
-    float* y11 = down && right ? y10 + c : nullptr;
+    float* block[2][2];
+    tiles.OutputBlock(first + t, y, c, block);
+    float *y00 = block[0][0], *y01 = block[0][1], *y10 = block[1][0], *y11 = block[1][1];
     const float* in = m + t * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
@@ -180,14 +188,10 @@ void GradTransform(const Tiles& tiles, const float* dy, int64_t c, int64_t first
                    int64_t count, int64_t stride, float* dm, float* db_sum) {
   const int64_t plane = stride * c;
   for (int64_t t = 0; t < count; ++t) {
-    int64_t image, ty, tx;
-    tiles.locate(first + t, &image, &ty, &tx);
-    const int64_t row = 2 * ty, col = 2 * tx;
-    const bool down = row + 1 < tiles.h, right = col + 1 < tiles.w;
-    const float* g00 = dy + ((image * tiles.h + row) * tiles.w + col) * c;
-    const float* g01 = right ? g00 + c : nullptr;
-    const float* g10 = down ? g00 + tiles.w * c : nullptr;
-    const float* g11 = down && right ? g10 + c : nullptr;
+    const float* block[2][2];
+    tiles.OutputBlock(first + t, dy, c, block);
+    const float *g00 = block[0][0], *g01 = block[0][1], *g10 = block[1][0],
+                *g11 = block[1][1];
     float* out = dm + t * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
