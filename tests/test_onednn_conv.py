@@ -6,6 +6,9 @@ onto the windows, dW[i, j] sums window^T @ g. Geometries cover batch 1 (one slic
 batches (unequal slices on XLA's two threads), stride 2 with odd sizes, three input or
 output channels (the network's first and last convolutions) and the 4x4 maps.
 
+Every test here runs oneDNN's direct convolution (`DIFFUSION_JAX_WINOGRAD=0`, an autouse
+fixture); Winograd's algorithm has its own tests in test_winograd.py.
+
 The session runs with 8 fake CPU devices, where `conv3x3` leaves oneDNN off by default
 (its custom calls carry no sharding rule), so these tests ask for it with
 `conv.cpu_library("onednn")`; one test checks the default in a one-device process.
@@ -30,6 +33,12 @@ from diffusion_jax.models import onednn
 
 TARGET = "diffusion_jax_onednn_conv"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def direct_convolutions(monkeypatch):
+  """oneDNN's direct convolution for every call here (Winograd's: test_winograd.py)."""
+  monkeypatch.setenv(onednn.WINOGRAD_ENV, "0")
 
 
 def test_the_library_builds_and_loads_here():
@@ -204,10 +213,9 @@ def test_auto_uses_onednn_in_a_one_device_process_and_the_environment_turns_it_o
     assert result.stdout.strip().splitlines()[-1] == want, result.stderr[-2000:]
 
 
-def test_small_unet_matches_diffusers_with_onednn_convolutions(monkeypatch):
+def test_small_unet_matches_diffusers_with_onednn_convolutions():
   # Every convolution of the network, strided downsampling included, through oneDNN's
-  # direct convolution (Winograd's: test_winograd.py).
-  monkeypatch.setenv(onednn.WINOGRAD_ENV, "0")
+  # direct convolution.
   with conv.cpu_library("onednn"):
     want, got, hlo = small_unet_against_diffusers(seed=1)
   assert hlo.count(TARGET) >= 20 and "winograd = true" not in hlo
@@ -215,8 +223,7 @@ def test_small_unet_matches_diffusers_with_onednn_convolutions(monkeypatch):
   assert _rel(got, want) <= 1e-5
 
 
-def test_small_unet_parameter_gradients_match_xla_convolutions(monkeypatch):
-  monkeypatch.setenv(onednn.WINOGRAD_ENV, "0")
+def test_small_unet_parameter_gradients_match_xla_convolutions():
   grads = small_unet_parameter_gradients(
       3, {library: functools.partial(conv.cpu_library, library)
           for library in ("onednn", "xla")})

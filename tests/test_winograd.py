@@ -7,6 +7,7 @@ not multiples of the vector width, and enough tiles for several chunks per pool 
 with chunks that straddle two images.
 """
 
+import ctypes
 import functools
 import os
 import subprocess
@@ -109,6 +110,15 @@ def test_grad_under_vmap_matches_numpy_per_example():
     assert _max_rel(got[i], numpy_conv_and_grads(xs[i], w, g, 1)[2]) < 3e-6
 
 
+def test_the_callers_openmp_thread_count_is_left_as_it_was():
+  # Winograd's sgemm runs with one OpenMP thread per pool task; the count is put back.
+  gomp = ctypes.CDLL("libgomp.so.1")
+  gomp.omp_set_num_threads(3)
+  x, w, b, g = _problem(2, 16, 16, 32, 32, seed=11)
+  jax.block_until_ready(_conv_and_grads(x, w, b, g, "winograd"))
+  assert gomp.omp_get_max_threads() == 3
+
+
 def test_auto_picks_winograd_where_it_pays_and_direct_elsewhere():
   use = onednn._use_winograd
   unet = dict(kernel_shape=(3, 3, 128, 128), stride=1, padding=SAME)
@@ -177,6 +187,7 @@ def test_bad_requests_fail_with_the_fix():
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
   """Every convolution Winograd applies to uses it, whatever its size."""
+  monkeypatch.delenv(onednn.WINOGRAD_ENV, raising=False)
   monkeypatch.setattr(onednn, "WINOGRAD_MIN_CHANNELS", 1)
   monkeypatch.setattr(onednn, "WINOGRAD_MIN_TILES_FORWARD", 0)
   monkeypatch.setattr(onednn, "WINOGRAD_MIN_TILES_BACKWARD", 0)

@@ -160,8 +160,8 @@ def assert_gradients_close(got, want):
   leaves = jax.tree.leaves(want)
   total = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in leaves))
   assert total > 1e-3
+  assert jax.tree.structure(got) == jax.tree.structure(want)
   flat = jax.tree_util.tree_leaves_with_path(got)
-  assert len(flat) == len(leaves)
   for (path, a), b in zip(flat, leaves):
     error = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     bound = 1e-4 * np.linalg.norm(np.asarray(b, np.float64)) + 1e-6 * total

@@ -15,8 +15,8 @@ The 3x3 stride-1 convolutions with enough channels and tiles (`conv`'s `algorith
 computed by Winograd's F(2x2, 3x3) instead (`native/winograd.cc`: transforms of 4x4 input
 blocks, 16 matrix products over the channels through oneDNN's sgemm, 2.25x fewer
 multiplications than the direct convolution; this oneDNN build has no Winograd kernels
-of its own). Forward and both gradients, 1.1x-2x faster than the direct convolutions on
-the U-Net's shapes at batch 8 and 32 (`benchmarks/RESULTS.md`); for finite inputs the
+of its own). Forward and both gradients up to 2x faster than the direct convolutions on
+the U-Net's large maps at batch 8 and 32 (`benchmarks/RESULTS.md`); for finite inputs the
 values differ by float32 rounding only (an inf input gives NaN outputs around it, where
 the direct convolution gives infs: the transforms subtract inputs).
 
@@ -228,9 +228,10 @@ WINOGRAD_MIN_CHANNELS = 16
 # ... and with fewer tiles than these (batch x ceil(H / 2) x ceil(W / 2)) the kernel
 # transforms and the small products cost more than they save; the gradients need more
 # tiles than the forward (their kernel gradient is a product over the tiles). Timed on
-# the U-Net's shapes, 2 cores (`benchmarks/RESULTS.md`, "Winograd against the direct
-# convolutions"): forward 1.3x-1.9x at 32-64 tiles (0.8x-0.9x at 16), gradients 0.5x-0.9x
-# below 128 tiles, 1.1x-2x from 128 tiles on.
+# the U-Net's shapes, 2 cores (`benchmarks/RESULTS.md`, sixth session): the forward
+# mostly faster from 16 tiles on (0.8x-1.9x at 16-64 tiles, varying between runs),
+# gradients 0.5x-0.9x below 128 tiles, 1.0x-2x from 128 tiles on (no gain on the 4x4 maps
+# at 128, 1.6x-2x on the large maps).
 WINOGRAD_MIN_TILES_FORWARD = 32
 WINOGRAD_MIN_TILES_BACKWARD = 128
 
@@ -327,9 +328,9 @@ def conv_backward(x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int,
   return dx, dw, db
 
 
-# The algorithms arrive decided ("direct" or "winograd" each way): decided inside, the
-# choice would be cached with the custom VJP's trace and outlive a change of the
-# thresholds or of DIFFUSION_JAX_WINOGRAD.
+# The algorithms arrive decided ("direct" or "winograd" each way) when the forward is
+# traced: a backward traced later (e.g. `jax.jit(vjp)` outside a context that changed the
+# environment or the thresholds) keeps the choice made with its forward.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _conv(x, kernel, bias, stride, padding, forward_algorithm, backward_algorithm):
   del backward_algorithm
