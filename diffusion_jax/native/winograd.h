@@ -13,8 +13,9 @@
 // over channel vectors. Gradients: the input gradient is the same computation on dy with
 // the kernel turned by 180 degrees (channels swapped); the kernel gradient is the adjoint,
 // dg = G^T [ sum over tiles (A dY A^T) (.) (B^T d B) ] G, 16 products [Cin, tiles] @
-// [tiles, Cout]. Float32 throughout; the results differ from the direct convolution's by
-// rounding only (a few units in the last place of the outputs' scale).
+// [tiles, Cout]. Float32 throughout; for finite inputs the results differ from the direct
+// convolution's by rounding only (a few units in the last place of the outputs' scale);
+// an inf input gives NaN around it (the transforms subtract inputs).
 //
 // Work is cut into chunks of tiles (the transformed chunk stays in the core's cache) and
 // shared out on XLA's pool (parallel_for.h); the matrix products are oneDNN's sgemm on the
