@@ -29,11 +29,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import checkpointing
-from diffusion_jax import host_memory
-from diffusion_jax import run_setup
-from diffusion_jax import sample_grid
+from benchmarks import harness
+from diffusion_jax import image_grid
+from diffusion_jax import sampling
 from diffusion_jax import sharding
+from diffusion_jax.backends.cpu import host_memory
+from diffusion_jax.training import checkpointing
+from diffusion_jax.training import params_checkpoint
+from diffusion_jax.training import run_setup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/digits", "A workdir trained with configs/digits.py.")
@@ -57,7 +60,9 @@ def scores(probs: np.ndarray) -> dict[str, float]:
 
 
 def main(argv):
+  """Scores real digits and the run's samples; prints the comparison."""
   del argv
+  host_memory_reused = host_memory.reuse_freed_memory()  # before JAX computes
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   from sklearn import linear_model
   from sklearn import model_selection
@@ -76,23 +81,27 @@ def main(argv):
   if (config.data.dataset, config.data.image_size, config.data.channels) != ("digits", 8, 1):
     raise ValueError(f"{FLAGS.workdir} is not an 8x8 digits run (configs/digits.py).")
   mesh = sharding.make_mesh()
-  params, step = checkpointing.load_eval_params(FLAGS.workdir, config, use_ema=True, mesh=mesh)
-  _, model = run_setup.build_model(config)
-  sampler = sample_grid.make_grid_sampler(model, run_setup.build_schedule(config), config,
-                                          mesh, FLAGS.num_samples)
+  ops = run_setup.build_ops(config, mesh)
+  params, step = params_checkpoint.load_eval_params(FLAGS.workdir, config, use_ema=True,
+                                                    mesh=mesh)
+  sample_fn = sampling.make_sample_fn(run_setup.build_model(config, ops),
+                                      run_setup.build_schedule(config), config, mesh,
+                                      ops.jit_options())
   start = time.time()
-  samples = np.asarray(sampler(params))  # [N, 8, 8, 1] in [-1, 1]
+  samples = sampling.sample_indices(sample_fn, params, np.arange(FLAGS.num_samples),
+                                    mesh)  # [N, 8, 8, 1] in [-1, 1]
   seconds = time.time() - start
-  samples_uint8 = sample_grid.to_uint8(samples)
-  grid_path = sample_grid.save_png(
+  samples_uint8 = image_grid.to_uint8(samples)
+  grid_path = image_grid.save_png(
       os.path.join(FLAGS.workdir, "samples", f"benchmark_step_{step:08d}.png"),
-      sample_grid.make_grid(samples_uint8[:100], num_cols=10))
+      image_grid.make_grid(samples_uint8[:100], num_cols=10))
 
   real = scores(classifier.predict_proba(x_test))
   fake = scores(classifier.predict_proba(digit_features(samples_uint8)))
   print(f"classifier: logistic regression, held-out accuracy {accuracy:.3f}")
   print(f"checkpoint step {step}, {FLAGS.num_samples} samples "
         f"({config.sampling.sampler}, {seconds:.1f} s), grid: {grid_path}")
+  print(f"operations: {ops.description}; {harness.host_memory_note(host_memory_reused)}")
   print(f"{'':24s}{'confidence':>12s}{'IS-like':>10s}{'classes':>9s}")
   print(f"{'real digits (held out)':24s}{real['confidence']:12.3f}{real['is_like']:10.2f}"
         f"{real['classes_present']:9d}")
@@ -108,6 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()
   jax.config.config_with_absl()
   app.run(main)

@@ -3,6 +3,10 @@
   python -m benchmarks.evaluation                    # CPU: 20 terms, batch 8; FID batch 16
   python -m benchmarks.evaluation --bpd_terms 1000 --bpd_batch 64 --fid_batch 200 \
       --no_peer                                      # on a GPU
+  python -m benchmarks.evaluation --kernels xla      # ours with the pure-JAX ops
+
+Ours computes with the operations of the kernel policy (`--kernels`, default auto: on a
+CPU the CPU backend's kernels) and compiles with their options, as the evaluation jobs do.
 
 Bits/dim: ours is `bound.calc_bpd` as the bits/dim job compiles it (one `lax.scan` over
 the timesteps, clipped x_0, per-example noise); the peer is the same bound written as a
@@ -33,11 +37,12 @@ from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
-from diffusion_jax import bound
-from diffusion_jax import compiler_options
-from diffusion_jax import host_memory
 from diffusion_jax import models
-from diffusion_jax import schedules
+from diffusion_jax import ops as ops_lib
+from diffusion_jax import sharding
+from diffusion_jax.backends.cpu import host_memory
+from diffusion_jax.diffusion import bound
+from diffusion_jax.diffusion import schedules
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import resize
 
@@ -64,6 +69,7 @@ class TorchBound:
     self.model_log_var = f(np.log(np.append(post_var[1], b[1:])))  # fixedlarge
 
   def _terms(self, x0, t, generator):
+    """Term t of the bound in bits/dim [B] and the x_0 MSE [B] (one network call)."""
     torch = self.torch
     noise = torch.randn(x0.shape, generator=generator)
     x_t = self.sqrt_abar[t] * x0 + self.sqrt_1m_abar[t] * noise
@@ -90,6 +96,7 @@ class TorchBound:
     return term / math.log(2.0), ((pred_x0 - x0) ** 2).mean(dim=(1, 2, 3))
 
   def __call__(self, x0):  # x0 [B, C, H, W] in [-1, 1]
+    """The total bits/dim [B]: all T terms and the prior term."""
     torch = self.torch
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -100,7 +107,7 @@ class TorchBound:
     return torch.stack([t for t, _ in terms]).sum(0) + prior / math.log(2.0)
 
 
-def bpd_row(args, torch, peaks):
+def bpd_row(args, torch, ops: ops_lib.Ops):
   """Bits/dim images/s through all terms of a `--bpd_terms`-step schedule."""
   config = configs.load_config(args.network)
   config.model.dtype = args.precision
@@ -113,7 +120,7 @@ def bpd_row(args, torch, peaks):
   betas = schedules.get_beta_schedule("linear", args.bpd_terms,
                                       min(float(d.beta_start) * stretch, beta_end), beta_end)
   schedule = schedules.make_schedule(betas)
-  model = models.UNet(unet_config)
+  model = models.UNet(unet_config, ops=ops)
   params = models.init_params(unet_config, jax.random.key(0))
   with np.load(CIFAR) as data:
     images = data["x"][:args.bpd_batch].astype(np.float32) / 127.5 - 1.0
@@ -124,7 +131,7 @@ def bpd_row(args, torch, peaks):
   images = jnp.asarray(images, jnp.float32)
   keys = jax.random.split(jax.random.key(0), args.bpd_batch)
 
-  @functools.partial(jax.jit, compiler_options=compiler_options.for_default_backend())
+  @functools.partial(jax.jit, compiler_options=ops.jit_options())
   def ours(params, x, keys):
     model_fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
     return bound.calc_bpd(model_fn, schedule, x, keys, model_mean_type=d.model_mean_type,
@@ -163,10 +170,12 @@ def bpd_row(args, torch, peaks):
   return row, note + "."
 
 
-def fid_row(args, torch, weights_path: str, ts_path: str | None):
-  """FID features images/s: resize to 299 + Inception pool3."""
+def fid_row(args, torch, weights_path: str, ts_path: str | None, ops: ops_lib.Ops):
+  """FID features images/s: resize to 299 + Inception pool3 (compiled with `ops`'s
+  options, as the FID job compiles it)."""
   extractor = features_lib.InceptionFeatures.from_file(
-      weights_path, batch_size=args.fid_batch, devices=jax.devices()[:1])
+      weights_path, batch_size=args.fid_batch, devices=jax.devices()[:1],
+      jit_options=ops.jit_options())
   with np.load(CIFAR) as data:
     images = data["x"][:args.fid_batch]  # [B, 32, 32, 3] uint8
   start = time.perf_counter()
@@ -205,6 +214,8 @@ def fid_row(args, torch, weights_path: str, ts_path: str | None):
 
 
 def main(argv=None):
+  """Measures the bits/dim and FID feature rows; prints the table."""
+  host_memory_reused = host_memory.reuse_freed_memory()  # before JAX computes
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--network", default="cifar10", choices=sorted(configs.NETWORKS))
@@ -217,14 +228,16 @@ def main(argv=None):
                       help="converted weights (.npz); default: convert the TorchScript file")
   parser.add_argument("--no_peer", action="store_true", help="skip PyTorch (e.g. on GPU)")
   parser.add_argument("--torch_threads", type=int, default=None)
+  harness.add_kernels_flag(parser)
   args = parser.parse_args(argv)
   torch = None if args.no_peer else harness.setup_torch(args.torch_threads)
+  ops = ops_lib.resolve(args.kernels, sharding.make_mesh(jax.devices()[:1]))
   load_before = harness.load_average()
   peaks = {"float32": harness.matmul_peak("float32", torch_module=torch)}
   if args.precision == "bfloat16":
     peaks["bfloat16"] = harness.matmul_peak("bfloat16", torch_module=torch)
   rows, notes = [], []
-  row, note = bpd_row(args, torch, peaks)
+  row, note = bpd_row(args, torch, ops)
   rows.append(row)
   notes.append(note)
   ts_path = None
@@ -240,18 +253,17 @@ def main(argv=None):
       from diffusion_jax.tools import convert_inception  # pylint: disable=g-import-not-at-top
       weights = os.path.join(tmp, "inception_fid.npz")
       convert_inception.convert(ts_path, weights)
-    row, note = fid_row(args, torch, weights, ts_path)
+    row, note = fid_row(args, torch, weights, ts_path, ops)
   rows.append(row)
   notes.append(note)
   notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating, "
                f"{harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
-               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads; "
-               f"{harness.convolution_library()}.")
+               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
+  notes.append(harness.ops_note(args.kernels, ops, host_memory_reused) + ".")
   notes.append("peak mem ours: XLA's planned bytes (arguments + outputs + temporaries); "
                "peer: parameters + the RSS high-water delta of its first run.")
   harness.print_table("Evaluation", rows, peaks, load_before, harness.load_average(), notes)
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()
   main()

@@ -4,6 +4,14 @@ Every script measures our figure and the peer's in the same process, alternating
 two after warm-up, and reports medians; it measures the hardware peak (a large matmul
 through JAX and through PyTorch, the larger counts) in the same run, and prints the load
 average before and after, since other work on a shared machine pollutes timings.
+
+"Ours" is the program as the product runs it: the U-Net's operations chosen by the kernel
+policy (`--kernels`, default auto: `ops.resolve("auto", mesh)`, on a CPU the CPU
+backend's kernels) and compiled with their `jit_options()`. The scripts call
+`backends.cpu.host_memory.reuse_freed_memory()` first thing, before JAX computes (as
+`diffusion_jax.main` does for CPU jobs; here whatever `--kernels` says, so that the
+operations compare on equal terms), and say in their notes what it returned and which
+operations ran.
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
+
+from diffusion_jax import ops as ops_lib
+from diffusion_jax import sharding
 
 # Counted model FLOPs (REFERENCE.md): one forward of the CIFAR10 network on a 32x32 image
 # and of the 256x256 network; a train step costs three forwards.
@@ -60,28 +72,40 @@ def machine_line() -> str:
           f"{kind})")
 
 
-def _host_memory_note() -> str:
-  from diffusion_jax import host_memory  # pylint: disable=g-import-not-at-top
-  if host_memory.applied():
-    return "; host memory: freed buffers reused (diffusion_jax/host_memory.py)"
-  return "; host memory: glibc's defaults"
+def add_kernels_flag(parser) -> None:
+  """Adds `--kernels` (the kernel policy of ours, `model.kernels`) to an argparse parser."""
+  parser.add_argument(
+      "--kernels", default="auto", choices=ops_lib.POLICIES,
+      help="the operations of ours: auto = what the product runs (the CPU backend's "
+           "kernels on a CPU where they build, else the pure-JAX ones), xla = the pure-JAX "
+           "operations, native = the CPU backend's kernels")
 
 
-def convolution_library() -> str:
-  """Which library runs our U-Net's convolutions (and GroupNorm, dropout) in float32 here,
-  for the notes."""
-  from diffusion_jax.models import conv  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.models import onednn  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() != "cpu":
-    return f"our convolutions: XLA's on {jax.default_backend()}"
-  if conv.onednn_enabled():
-    return ("our float32 convolutions: oneDNN (diffusion_jax/models/onednn.py), the 3x3 "
-            "stride-1 ones " + ("by Winograd F(2x2, 3x3) where it pays (native/winograd.cc)"
-                                if onednn.winograd_enabled()
-                                else "direct (DIFFUSION_JAX_WINOGRAD=0)") +
-            "; GroupNorm and dropout: our compiled kernels (diffusion_jax/native)" +
-            _host_memory_note())
-  return "our convolutions: XLA:CPU's own"
+def host_memory_note(reused: bool) -> str:
+  """The notes' words for the return value of `host_memory.reuse_freed_memory()`."""
+  if reused:
+    return "host memory: freed buffers reused (diffusion_jax/backends/cpu/host_memory.py)"
+  return "host memory: the allocator's defaults (reuse_freed_memory() did not apply)"
+
+
+def ops_note(kernels: str, ops: ops_lib.Ops, host_memory_reused: bool) -> str:
+  """One note naming the operations ours ran with (`--kernels` and what it resolved to)
+  and the host memory setting."""
+  return (f"ours: --kernels {kernels} -> {ops.name}: {ops.description}; "
+          f"{host_memory_note(host_memory_reused)}")
+
+
+def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global batch split over `sharding.DATA_AXIS` from this process's rows of it.
+
+  Args:
+    array: this process's consecutive rows of the global batch (all rows when there is a
+      single process), e.g. [B_local, H, W, C].
+    mesh: the data-parallel mesh (`sharding.make_mesh`).
+  """
+  global_shape = (array.shape[0] * jax.process_count(),) + tuple(array.shape[1:])
+  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
+                                                np.asarray(array), global_shape)
 
 
 def block(tree):
@@ -149,7 +173,7 @@ def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5,
   matmul = jax.jit(lambda x: x @ x)
   fns = {"jax": lambda: matmul(a)}
   if torch_module is not None:
-    t = torch_module.from_numpy(np.asarray(a.astype(jnp.float32))).to(
+    t = torch_module.from_numpy(np.array(a.astype(jnp.float32))).to(
         getattr(torch_module, dtype))
     fns["torch"] = lambda: t @ t
   seconds = time_alternating(fns, warmup=1, repeats=repeats)
@@ -159,6 +183,7 @@ def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5,
 
 
 def _read_status(field: str) -> int | None:
+  """A size field (e.g. VmRSS) of /proc/self/status in bytes; None where unreadable."""
   try:
     with open("/proc/self/status") as f:
       for line in f:
@@ -208,6 +233,7 @@ def peak_memory(device: jax.Device | None = None) -> Iterator[PeakMemory]:
 
 
 def gib(n: float | None) -> str:
+  """Bytes as GiB with two decimals ("n/a" for None)."""
   return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 

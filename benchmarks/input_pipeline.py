@@ -8,8 +8,9 @@ Measured standalone (nothing else running in the process), after warm-up:
   the whole path to a device jax.Array in [-1, 1] (array sources: the CIFAR10 file of
   REFERENCE.md, MNIST from mnist.npz).
 - 256x256 at batch 64 from encoded images (the CelebA-HQ / LSUN path: tfds records with
-  PNG or JPEG bytes, decoded by tf.data): `create_train_dataset` over an in-memory
-  `RecordSource` of 256 distinct images encoded in memory, to host NumPy batches.
+  PNG or JPEG bytes, decoded by tf.data): `input_pipeline.train_dataset` (all rows of the
+  batch) over an in-memory `RecordSource` of 256 distinct images encoded in memory, to
+  host uint8 batches and flip bits.
 The consumption compared with is the paper's TPU v3-8 rate (21 steps/s at batch 128 for
 CIFAR10, 2.2 steps/s at batch 64 for 256x256), the demanding case; and, when given, this
 machine's train step (images/s, from benchmarks.train_step) at the same batch.
@@ -28,10 +29,10 @@ import tensorflow as tf
 
 from benchmarks import configs
 from benchmarks import harness
-from diffusion_jax import data_sources
-from diffusion_jax import host_memory
-from diffusion_jax import input_pipeline
 from diffusion_jax import sharding as sharding_lib
+from diffusion_jax.backends.cpu import host_memory
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 
 CIFAR = configs.CIFAR_SUBSET
 MNIST = configs.MNIST
@@ -39,6 +40,7 @@ PAPER_STEPS_PER_S = {"cifar10": 21.0, "mnist": 21.0, "256": 2.2}
 
 
 def batches_per_second(iterator, num_batches: int, warmup: int = 3) -> float:
+  """Batches per second that `iterator` delivers, after `warmup` untimed batches."""
   for _ in range(warmup):
     harness.block(next(iterator))
   start = time.perf_counter()
@@ -48,6 +50,7 @@ def batches_per_second(iterator, num_batches: int, warmup: int = 3) -> float:
 
 
 def array_source_rate(network: str, batch: int, num_batches: int) -> float:
+  """Batches/s of `create_train_iterator` over the network's array file (to device)."""
   config = configs.load_config(network)
   config.data.dataset = "npz"
   config.data.path = CIFAR if network == "cifar10" else MNIST
@@ -59,6 +62,7 @@ def array_source_rate(network: str, batch: int, num_batches: int) -> float:
 
 
 def _encoded_records(num: int, size: int, fmt: str) -> list[bytes]:
+  """`num` serialized tf.train.Examples holding distinct size x size images in `fmt`."""
   rng = np.random.default_rng(0)
   records = []
   for _ in range(num):
@@ -74,21 +78,26 @@ def _encoded_records(num: int, size: int, fmt: str) -> list[bytes]:
 
 
 class _Records(list):
+  """In-memory records with the batched read (`__getitems__`) that `RecordSource` uses."""
+
   def __getitems__(self, keys):
     return [self[k] for k in keys]
 
 
 def encoded_source_rate(batch: int, num_batches: int, fmt: str) -> float:
+  """Batches/s of `train_dataset` decoding 256x256 `fmt` records (to host arrays)."""
   config = configs.load_config("256")
-  source = data_sources.RecordSource(
+  source = sources.RecordSource(
       name=f"in-memory {fmt}", records=_Records(_encoded_records(256, 256, fmt)),
       crop_and_resize=False, image_size=256, channels=3)
-  ds = input_pipeline.create_train_dataset(config.data, global_batch_size=batch, seed=0,
-                                           process_index=0, process_count=1, source=source)
+  ds = input_pipeline.train_dataset(source, config.data, rows=np.arange(batch),
+                                    global_batch_size=batch, seed=0)
   return batches_per_second(iter(ds), num_batches)
 
 
 def main(argv=None):
+  """Measures each source's batches/s; prints the table."""
+  host_memory_reused = host_memory.reuse_freed_memory()  # before JAX computes
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_batches", type=int, default=50)
@@ -122,8 +131,8 @@ def main(argv=None):
     print(f"| {name} | {batch} | {rate:.1f} | {paper} | {rate / paper:.1f}x | {cpu} |")
   print("\n- The pipeline ran alone; in training it shares the host CPU with the step (on "
         "an accelerator host the step does not use the host's cores).")
+  print(f"- {harness.host_memory_note(host_memory_reused)}.")
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()
   main()

@@ -2,8 +2,8 @@
 
   python -m benchmarks.op_profile --what train_step --batch 8     # CIFAR10 network
   python -m benchmarks.op_profile --what forward --batch 16
-  python -m benchmarks.op_profile --what train_step --kernel_grad matmul --batch 32
   python -m benchmarks.op_profile --what train_step --batch 32 --instructions 12
+  python -m benchmarks.op_profile --what train_step --batch 8 --kernels xla  # pure-JAX ops
 
 XLA:CPU records one trace event per executed operation (thunk), named after the HLO
 instruction. The events are joined with the optimized HLO's `op_name` metadata (the JAX
@@ -12,12 +12,15 @@ forward or backward (`transpose(...)` in the path), convolution, matmul (`dot_ge
 and the other fused kernels by the JAX operation that produced them. Durations are
 summed over both worker threads, so shares, not sums, compare with wall time.
 
-XLA's own CPU convolutions (the project's CPU compiler options) run on Eigen's thread
-pool after their thunk has started them: their events cover the launch, not the work, so
-the convolution rows understate them; `benchmarks.conv_breakdown` times them alone. The
-oneDNN convolutions (`ffi_call` rows, where `conv.conv3x3` uses them) are the other way
-round: the event lasts the whole call, while the other pool thread works on it too.
-`--instructions N` lists the costliest single instructions with their result shapes.
+The program computes with the operations of the kernel policy (`--kernels`, default
+auto: on a CPU the CPU backend's kernels) and compiles with their options, as the product
+does. The CPU backend's kernels (oneDNN and Winograd convolutions, GroupNorm, dropout) are
+custom calls (`ffi_call` rows): each event lasts the whole call, while the other pool
+thread works on it too. XLA's own CPU convolutions (`--kernels xla`) may run on a thread
+pool after their thunk has started them: their events then cover the launch, not the
+work, so the convolution rows understate them; `benchmarks.conv_breakdown` times them
+alone. `--instructions N` lists the costliest single instructions with their result
+shapes.
 """
 
 from __future__ import annotations
@@ -37,11 +40,10 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import train_step as train_step_bench
-from diffusion_jax import compiler_options
-from diffusion_jax import host_memory
-from diffusion_jax import run_setup
+from diffusion_jax import ops as ops_lib
 from diffusion_jax import sharding
-from diffusion_jax.models import conv
+from diffusion_jax.backends.cpu import host_memory
+from diffusion_jax.training import run_setup
 
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjRt", "TfrtCpu", "Pjit", "Common",
          "ParseArguments", "Allocate", "PythonRef", "Threadpool")
@@ -68,14 +70,7 @@ def category(instruction: str, opcode: str, op_name: str) -> str:
   if "conv_general_dilated" in primitive:
     kind = "convolution"
   elif "dot_general" in primitive:
-    kind = "matmul"
-    if "/conv" in op_name and direction == "backward":
-      kind = "matmul (conv kernel gradient)"
-    elif "/attn" in op_name:
-      kind = "matmul (attention)"
-  elif "/conv" in op_name and direction == "backward" and primitive in ("slice", "pad",
-                                                                         "transpose"):
-    kind = f"{primitive} (conv kernel gradient)"
+    kind = "matmul (attention)" if "/attn" in op_name else "matmul"
   else:
     kind = f"{instruction.split('.')[0]} [{primitive}]"
   return f"{direction}: {kind}"
@@ -109,7 +104,7 @@ def profile(fn, args, runs: int = 2
     if e.get("ph") != "X" or name.startswith(_SKIP) or name not in meta:
       continue
     opcode, op_name, _ = meta[name]
-    if opcode == "while":  # Its body's operations have their own events.
+    if opcode in ("while", "conditional"):  # Their operations have events of their own.
       continue
     key = category(name, opcode, op_name)
     seconds[key] += e["dur"] * 1e-6 / runs
@@ -120,16 +115,16 @@ def profile(fn, args, runs: int = 2
           dict(per_instruction), meta)
 
 
-def build(what: str, network: str, batch: int):
-  """(jitted fn, args) of the program to profile; the train step donates its state."""
+def build(what: str, network: str, batch: int, mesh, ops: ops_lib.Ops):
+  """(jitted fn, args) of the program to profile, computing with `ops` over `mesh`; the
+  train step donates its state."""
   config = configs.load_config(network)
   config.training.batch_size = batch
-  mesh = sharding.make_mesh(jax.devices()[:1])
   size, channels = config.data.image_size, config.data.channels
   images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels))
-  images = sharding.shard_batch(images.astype(np.float32), mesh)
+  images = harness.shard_batch(images.astype(np.float32), mesh)
   if what == "train_step":
-    step, state = train_step_bench.build_ours(config, mesh)
+    step, state = train_step_bench.build_ours(config, mesh, ops)
     holder = [state]
     compiled = step.lower(state, images).compile()
 
@@ -142,15 +137,17 @@ def build(what: str, network: str, batch: int):
         return metrics
 
     return Step(), ()
-  _, model = run_setup.build_model(config)
+  model = run_setup.build_model(config, ops)
   params = run_setup.init_train_state(config, mesh).params
   t = jax.numpy.arange(batch, dtype=jax.numpy.int32) * 7 % 1000
   fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False),
-               compiler_options=compiler_options.for_default_backend())
+               compiler_options=ops.jit_options())
   return fn, (params, images, t)
 
 
 def main(argv=None):
+  """Profiles the program; prints the categories (and instructions) by time."""
+  host_memory_reused = host_memory.reuse_freed_memory()  # before JAX computes
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--what", default="train_step", choices=["train_step", "forward"])
@@ -158,17 +155,19 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--runs", type=int, default=2)
   parser.add_argument("--top", type=int, default=20)
-  parser.add_argument("--kernel_grad", default="xla", choices=["xla", "matmul"])
   parser.add_argument("--instructions", type=int, default=0,
                       help="also list the N costliest HLO instructions")
+  harness.add_kernels_flag(parser)
   args = parser.parse_args(argv)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  ops = ops_lib.resolve(args.kernels, mesh)
   load_before = harness.load_average()
-  with conv.kernel_gradient(args.kernel_grad):
-    fn, fn_args = build(args.what, args.network, args.batch)
-    seconds, counts, total, per_instruction, meta = profile(fn, fn_args, args.runs)
+  fn, fn_args = build(args.what, args.network, args.batch, mesh, ops)
+  seconds, counts, total, per_instruction, meta = profile(fn, fn_args, args.runs)
   print(f"## Operation profile: {args.what}, {args.network}, batch {args.batch}, "
-        f"kernel_grad={args.kernel_grad}\n")
+        f"kernels={args.kernels}\n")
   print(harness.machine_line())
+  print(harness.ops_note(args.kernels, ops, host_memory_reused))
   print(f"load average: before {load_before:.2f}, after {harness.load_average():.2f}; "
         f"summed op time per run {total:.3f} s\n")
   print("| category | ms per run | share | ops per run |")
@@ -181,10 +180,10 @@ def main(argv=None):
     for name, value in sorted(per_instruction.items(),
                               key=lambda kv: -kv[1])[:args.instructions]:
       _, op_name, shape = meta[name]
+      shape = shape if len(shape) <= 100 else shape[:97] + "..."
       print(f"| {name} | {shape} | {op_name.replace('jit(step_fn)/', '')[-70:]} | "
             f"{1e3 * value:.1f} |")
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()
   main()

@@ -1,12 +1,15 @@
 """Sampling throughput (images/s): our compiled samplers vs diffusers' pipelines.
 
   python -m benchmarks.sampling                       # CPU: batch 8, 10 steps each
+  python -m benchmarks.sampling --kernels xla         # ours with the pure-JAX ops
   python -m benchmarks.sampling --batch 256 --ancestral_steps 1000 --ddim_steps 50 \
       --no_peer --precision bfloat16                  # on a GPU: the paper's 256 samples
 
 Ours: `samplers.ancestral_sample` (all T steps) or, for fewer steps, `denoise_from` over
 the last k timesteps (the same per-step work: a forward, the posterior mean and noise),
-and `samplers.ddim_sample` over `ddim_timesteps(T, S)`, each one jitted program. Peer:
+and `samplers.ddim_sample` over `ddim_timesteps(T, S)`, each one jitted program, with the
+operations of the kernel policy (`--kernels`, default auto: on a CPU the CPU backend's
+kernels) and their compiler options. Peer:
 diffusers' `DDPMPipeline(num_inference_steps=k)` and `DDIMPipeline(num_inference_steps=S,
 eta=0)` with the same weights. A sampling step counts one forward. The figure for the
 full 1000-step ancestral run follows from the per-step throughput (steps cost the same).
@@ -23,17 +26,19 @@ from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
 from benchmarks import train_step as train_step_bench
-from diffusion_jax import compiler_options
-from diffusion_jax import host_memory
 from diffusion_jax import models
-from diffusion_jax import randomness
-from diffusion_jax import run_setup
-from diffusion_jax import samplers
+from diffusion_jax import ops as ops_lib
+from diffusion_jax import sharding
+from diffusion_jax.backends.cpu import host_memory
+from diffusion_jax.diffusion import randomness
+from diffusion_jax.diffusion import samplers
+from diffusion_jax.training import run_setup
 
 
-def make_sampler(config, kind: str, steps: int):
-  """Returns the jitted `sample(params, keys) -> [B, H, W, C]` of our sampler."""
-  _, model = run_setup.build_model(config)
+def make_sampler(config, kind: str, steps: int, ops: ops_lib.Ops):
+  """Returns the jitted `sample(params, keys) -> [B, H, W, C]` of our sampler (the U-Net
+  computing with `ops`, compiled with their options)."""
+  model = run_setup.build_model(config, ops)
   schedule = run_setup.build_schedule(config)
   d = config.diffusion
   size, channels = int(config.data.image_size), int(config.data.channels)
@@ -53,13 +58,13 @@ def make_sampler(config, kind: str, steps: int):
     x_t = randomness.per_example_normal(keys, num_timesteps, shape, schedule.dtype)
     return samplers.denoise_from(model_fn, schedule, x_t, steps - 1, keys, **kwargs)
 
-  return jax.jit(sample, compiler_options=compiler_options.for_default_backend())
+  return jax.jit(sample, compiler_options=ops.jit_options())
 
 
 def measure(config, kind: str, steps: int, batch: int, repeats: int, torch, params,
-            unet_config, flops: float, precision: str):
+            unet_config, flops: float, precision: str, ops: ops_lib.Ops):
   """One row (images/s through `steps` steps) and our compile seconds."""
-  sample = make_sampler(config, kind, steps)
+  sample = make_sampler(config, kind, steps, ops)
   keys = jax.random.split(jax.random.key(0), batch)
   start = time.perf_counter()
   compiled = sample.lower(params, keys).compile()
@@ -99,6 +104,8 @@ def measure(config, kind: str, steps: int, batch: int, repeats: int, torch, para
 
 
 def main(argv=None):
+  """Measures the ancestral and DDIM rows; prints the table."""
+  host_memory_reused = host_memory.reuse_freed_memory()  # before JAX computes
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--network", default="cifar10", choices=sorted(configs.NETWORKS))
@@ -110,8 +117,10 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_peer", action="store_true", help="skip PyTorch (e.g. on GPU)")
   parser.add_argument("--torch_threads", type=int, default=None)
+  harness.add_kernels_flag(parser)
   args = parser.parse_args(argv)
   torch = None if args.no_peer else harness.setup_torch(args.torch_threads)
+  ops = ops_lib.resolve(args.kernels, sharding.make_mesh(jax.devices()[:1]))
   load_before = harness.load_average()
   peaks = {"float32": harness.matmul_peak("float32", torch_module=torch)}
   if args.precision == "bfloat16":
@@ -124,7 +133,7 @@ def main(argv=None):
   rows, notes = [], []
   for kind, steps in (("ancestral", args.ancestral_steps), ("ddim", args.ddim_steps)):
     row, compile_s, seconds = measure(config, kind, steps, args.batch, args.repeats, torch,
-                                      params, unet_config, flops, args.precision)
+                                      params, unet_config, flops, args.precision, ops)
     rows.append(row)
     full = ""
     if kind == "ancestral":
@@ -139,13 +148,12 @@ def main(argv=None):
                f"per step. Random weights (timing does not depend on their values).")
   notes.append(f"median of {args.repeats} runs after 1 warm-up, alternating, "
                f"{harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
-               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads; "
-               f"{harness.convolution_library()}.")
+               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
+  notes.append(harness.ops_note(args.kernels, ops, host_memory_reused) + ".")
   notes.append("peak mem ours: XLA's planned bytes (arguments + outputs + temporaries); "
                "peer: parameters + the RSS high-water delta of its first run.")
   harness.print_table("Sampling", rows, peaks, load_before, harness.load_average(), notes)
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()
   main()

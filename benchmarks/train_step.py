@@ -1,16 +1,18 @@
 """Train-step throughput (images/s): our jitted update vs diffusers' UNet2DModel in PyTorch.
 
   python -m benchmarks.train_step                           # CIFAR10 batch 8 and 32, MNIST
+  python -m benchmarks.train_step --kernels xla             # ours with the pure-JAX ops
   python -m benchmarks.train_step --network cifar10 --batch 128 --precision bfloat16 \
       --no_peer                                             # on a GPU
   python -m benchmarks.train_step --network 256 --batch 64 --precision bfloat16 --no_peer
   python -m benchmarks.train_step --network 256 --batch 64 --precision bfloat16 --no_peer \
       --remat                                               # if it does not fit
 
-Ours: `train_step.make_train_step` exactly as training compiles it (timesteps and noise per
-example, dropout, L_simple, clipping, Adam, EMA, donated state). The peer does the same
-work in PyTorch with the same weights (benchmarks/peers.py). A train step counts as three
-forwards.
+Ours: `training.train_step.make_train_step` exactly as training compiles it (timesteps
+and noise per example, dropout, L_simple, clipping, Adam, EMA, donated state), with the
+operations of the kernel policy (`--kernels`, default auto: on a CPU the CPU backend's
+kernels) and their compiler options. The peer does the same work in PyTorch with the same
+weights (benchmarks/peers.py). A train step counts as three forwards.
 """
 
 from __future__ import annotations
@@ -25,24 +27,29 @@ import numpy as np
 from benchmarks import configs
 from benchmarks import harness
 from benchmarks import peers
-from diffusion_jax import host_memory
-from diffusion_jax import optimizer
-from diffusion_jax import run_setup
+from diffusion_jax import models
+from diffusion_jax import ops as ops_lib
 from diffusion_jax import sharding
-from diffusion_jax import train_step as train_step_lib
+from diffusion_jax import streams
+from diffusion_jax.backends.cpu import host_memory
+from diffusion_jax.training import optimizer
+from diffusion_jax.training import run_setup
+from diffusion_jax.training import train_step as train_step_lib
 
 
-def build_ours(config, mesh):
-  """Returns the jitted train step and a fresh state (replicated over `mesh`)."""
-  _, model = run_setup.build_model(config)
+def build_ours(config, mesh, ops: ops_lib.Ops):
+  """Returns the jitted train step computing with `ops` and a fresh state (replicated
+  over `mesh`), as training builds them."""
+  model = run_setup.build_model(config, ops)
   schedule = run_setup.build_schedule(config)
   step = train_step_lib.make_train_step(
       train_step_lib.make_loss_fn(model, schedule, config.diffusion),
       run_setup.build_optimizer(config),
       num_timesteps=int(config.diffusion.num_timesteps),
       ema_decay=float(config.optim.ema_decay),
-      base_key=run_setup.stream_key(config, run_setup.TRAIN_STREAM), mesh=mesh,
-      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim))
+      base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
+      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
+      jit_options=ops.jit_options())
   state = run_setup.init_train_state(config, mesh)
   return step, state
 
@@ -58,19 +65,19 @@ def planned_bytes(compiled) -> int | None:
 
 
 def measure(network: str, batch: int, precision: str, repeats: int, torch, mesh,
-            remat: bool = False):
-  """One row: our and the peer's images/s and peak memory."""
+            ops: ops_lib.Ops, remat: bool = False):
+  """One row: our (computing with `ops`) and the peer's images/s and peak memory."""
   config = configs.load_config(network)
   config.training.batch_size = batch
   config.model.dtype = precision
   config.model.remat = remat
-  unet_config = run_setup.build_model(config)[0]
+  unet_config = models.unet_config_from(config)
   flops, _ = configs.forward_flops(network, unet_config)
-  step, state = build_ours(config, mesh)
+  step, state = build_ours(config, mesh, ops)
   rng = np.random.default_rng(0)
   shape = (batch, unet_config.image_size, unet_config.image_size, unet_config.in_channels)
   images_np = rng.uniform(-1, 1, shape).astype(np.float32)
-  images = sharding.shard_batch(images_np, mesh)
+  images = harness.shard_batch(images_np, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, images).compile()
   compile_s = time.perf_counter() - start
@@ -111,6 +118,8 @@ def measure(network: str, batch: int, precision: str, repeats: int, torch, mesh,
 
 
 def main(argv=None):
+  """Measures one row per network and batch; prints the table."""
+  host_memory_reused = host_memory.reuse_freed_memory()  # before JAX computes
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--network", nargs="+", default=["cifar10", "mnist"],
@@ -124,9 +133,11 @@ def main(argv=None):
   parser.add_argument("--remat", action="store_true",
                       help="ours with model.remat=True (blocks recomputed in the backward "
                            "pass: less memory, more compute); the peer is unchanged")
+  harness.add_kernels_flag(parser)
   args = parser.parse_args(argv)
   torch = None if args.no_peer else harness.setup_torch(args.torch_threads)
   mesh = sharding.make_mesh(jax.devices()[:1])
+  ops = ops_lib.resolve(args.kernels, mesh)
   load_before = harness.load_average()
   peaks = {"float32": harness.matmul_peak("float32", torch_module=torch)}
   if args.precision == "bfloat16":
@@ -136,18 +147,18 @@ def main(argv=None):
   for network in args.network:
     for batch in args.batch or default_batches[network]:
       row, compile_s = measure(network, batch, args.precision, args.repeats, torch, mesh,
-                               remat=args.remat)
+                               ops, remat=args.remat)
       rows.append(row)
       notes.append(f"{row.name}: our compile {compile_s:.1f} s.")
   for network in args.network:
-    unet_config = run_setup.build_model(configs.load_config(network))[0]
+    unet_config = models.unet_config_from(configs.load_config(network))
     flops, origin = configs.forward_flops(network, unet_config)
     notes.append(f"{network}: {flops / 1e9:.2f} GFLOP per forward ({origin}); a train step "
                  f"counts 3 forwards.")
   notes.append(f"median of {args.repeats} timed steps after 1 warm-up, ours and peer "
                f"alternating, {harness.SETTLE_S * 1e3:.0f} ms pause before each; torch threads: "
-               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads; "
-               f"{harness.convolution_library()}.")
+               f"{torch.get_num_threads() if torch else 'n/a'}; JAX: default threads.")
+  notes.append(harness.ops_note(args.kernels, ops, host_memory_reused) + ".")
   notes.append("peak mem ours: XLA's planned bytes of the step (arguments + outputs + "
                "temporaries - donated), or the device's peak on an accelerator; peer: "
                "parameters, EMA and Adam moments + the RSS high-water delta of its first "
@@ -156,5 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()
   main()

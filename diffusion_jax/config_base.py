@@ -51,6 +51,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Recompute each res/attention block in the backward pass: less activation memory for
   # about a third more compute per step (the 256x256 networks on 16 GB devices).
   model.remat = False
+  # Kernel policy (`diffusion_jax.ops`): "xla" (pure JAX: the reference, and what runs on
+  # TPU and GPU), "native" (the CPU backend's compiled kernels), or "auto" (native on a
+  # CPU where they build, else xla). Changes neither the parameters nor the checkpoints.
+  model.kernels = "auto"
+
+  # --- CPU backend (used when model.kernels resolves to native) -------------------
+  cpu = config.cpu = ml_collections.ConfigDict()
+  # The 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) where it pays (False: oneDNN's
+  # direct convolutions for all).
+  cpu.winograd = True
+  # XLA:CPU compiler options that keep convolutions out of YNNPACK (faster here).
+  cpu.compiler_options = True
+  # glibc's malloc set to reuse freed host memory between steps (set before JAX starts;
+  # CPU hosts only).
+  cpu.reuse_host_memory = True
 
   # --- Diffusion process --------------------------------------------------------
   diffusion = config.diffusion = ml_collections.ConfigDict()

@@ -25,7 +25,6 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from diffusion_jax import host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -61,7 +60,7 @@ class _LibraryInfoFilter(py_logging.Filter):
 
 def available_modes() -> dict[str, Callable]:
   """Returns the registered jobs: `train` plus the evaluation modes, if installed."""
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import train  # pylint: disable=g-import-not-at-top
   modes = {"train": train.train_and_evaluate}
   try:
     eval_modes = importlib.import_module("diffusion_jax.evaluation.modes")
@@ -89,9 +88,20 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _reuse_host_memory(config) -> None:
+  """Sets glibc's malloc for CPU jobs before JAX starts (`backends.cpu.host_memory`), when
+  the kernel policy may pick the CPU backend and `cpu.reuse_host_memory` is on."""
+  cpu_config = config.get("cpu") or {}
+  if (str(config.model.get("kernels", "auto")) != "xla"
+      and bool(cpu_config.get("reuse_host_memory", True))):
+    from diffusion_jax.backends.cpu import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reuse_freed_memory()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _reuse_host_memory(FLAGS.config)  # before JAX computes anything
   if not FLAGS.library_info_logs:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -108,6 +118,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host_memory.reuse_freed_memory()  # before JAX starts its threads
   jax.config.config_with_absl()
   app.run(main)

@@ -1,12 +1,15 @@
 """Device mesh and shardings for data parallelism over every device of every process.
 
-One mesh axis, `data`, spans `jax.devices()` (all processes). Parameters, EMA parameters and
-optimizer state are replicated; batches are split along their leading axis. The update is
-`jax.jit` with these shardings declared (no `pmap`); XLA inserts the gradient all-reduce.
+The project's one sharding vocabulary. One mesh axis, `DATA_AXIS`, spans `jax.devices()`
+(all processes). Parameters, EMA parameters and optimizer state are replicated; batches
+(and per-example vectors such as keys, indices and masks) are split along their leading
+axis. Updates are `jax.jit` with these shardings declared (no `pmap`); XLA inserts the
+gradient all-reduce.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -18,7 +21,7 @@ PyTree = Any
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Returns a 1-D mesh with axis `data` over `devices` (default: all global devices)."""
+  """Returns a 1-D mesh with axis `DATA_AXIS` over `devices` (default: all global devices)."""
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("make_mesh needs at least one device.")
@@ -30,26 +33,68 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Returns the sharding that splits the leading (batch) axis over `data`."""
+def batch_sharding(mesh: Mesh | NamedSharding) -> NamedSharding:
+  """The sharding of a global batch: its leading axis split over `DATA_AXIS`.
+
+  Args:
+    mesh: a mesh with the axis `DATA_AXIS`, or a NamedSharding of the batch (returned
+      as it is).
+  """
+  if isinstance(mesh, NamedSharding):
+    return mesh
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"Expected a jax.sharding.Mesh or NamedSharding, got {type(mesh)}.")
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"The mesh has axes {mesh.axis_names}; batches are split over an axis "
+                     f"named {DATA_AXIS!r} (make it with sharding.make_mesh, or pass a "
+                     "NamedSharding).")
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch") -> int:
+def rows_sharding(batch: NamedSharding) -> NamedSharding:
+  """The sharding of a per-row vector [B] (keys, flips, masks) that goes with a batch
+  sharded as `batch`."""
+  axes = batch.spec[0] if len(batch.spec) else None
+  return NamedSharding(batch.mesh, P(axes))
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh | NamedSharding,
+                          what: str = "batch") -> int:
   """Returns the per-device batch, or raises a ValueError naming the fix.
+
+  The global batch must split evenly over the devices that share it and over the
+  processes (each process feeds its own rows).
 
   Args:
     global_batch_size: the batch over all devices and processes.
-    mesh: the data-parallel mesh.
+    mesh: the data-parallel mesh, or a NamedSharding of the batch.
     what: the config field named in the message.
   """
-  num_devices = mesh.devices.size
-  if global_batch_size <= 0 or global_batch_size % num_devices:
-    raise ValueError(
-        f"{what}={global_batch_size} must be a positive multiple of the number of devices "
-        f"({num_devices} over {jax.process_count()} process(es)); use e.g. "
-        f"{what}={max(1, round(global_batch_size / num_devices)) * num_devices}.")
-  return global_batch_size // num_devices
+  sharding = batch_sharding(mesh)
+  spec0 = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if spec0 is None else (spec0,) if isinstance(spec0, str) else tuple(spec0)
+  parts = math.prod(sharding.mesh.shape[a] for a in axes)
+  for count, who in ((parts, f"{parts} devices that share the batch"),
+                     (jax.process_count(), f"{jax.process_count()} processes")):
+    if global_batch_size < 1 or global_batch_size % count:
+      good = max(count, -(-global_batch_size // count) * count)
+      raise ValueError(
+          f"{what}={global_batch_size} must be a positive multiple of the {who} "
+          f"({jax.device_count()} device(s) in {jax.process_count()} process(es)); use "
+          f"e.g. --config.{what}={good}.")
+  return global_batch_size // parts
+
+
+def addressable_rows(batch: NamedSharding, global_shape: tuple[int, ...]) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, sorted (int64 [b]).
+
+  `jax.make_array_from_process_local_data` maps a process's local batch onto these rows
+  in order.
+  """
+  rows = set()
+  for index in batch.addressable_devices_indices_map(global_shape).values():
+    rows.update(range(*index[0].indices(global_shape[0])))
+  return np.array(sorted(rows), dtype=np.int64)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -61,22 +106,22 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   sharding = replicated(mesh)
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-
-  def _put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-  return jax.tree_util.tree_map(_put, tree)
+  return jax.tree_util.tree_map(lambda x: put_global(x, sharding), tree)
 
 
-def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Returns a global array split over `data` from this process's slice of the batch.
+def put_global(array, sharding: NamedSharding) -> jax.Array:
+  """Places a host array that every process holds in full (the same values everywhere)
+  with `sharding`; each process fills only its own devices."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
-  Args:
-    array: this process's consecutive rows of the global batch (all rows when there is a
-      single process), e.g. `[B_local, H, W, C]`.
-    mesh: the data-parallel mesh.
-  """
-  sharding = batch_sharding(mesh)
-  global_shape = (array.shape[0] * jax.process_count(),) + tuple(array.shape[1:])
-  return jax.make_array_from_process_local_data(sharding, np.asarray(array), global_shape)
+
+def put_rows(array, mesh: Mesh) -> jax.Array:
+  """`put_global` split over `DATA_AXIS` along the leading axis (e.g. sample indices)."""
+  return put_global(array, batch_sharding(mesh))
+
+
+def replicated_value(x: jax.Array) -> np.ndarray:
+  """A replicated jax.Array as a NumPy array on this host (its first local copy; every
+  process holds the full value)."""
+  return np.asarray(x.addressable_data(0))

@@ -6,12 +6,12 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import numpy as np
 
-from diffusion_jax import checkpointing
+from diffusion_jax.training import checkpointing
 from diffusion_jax import config_base
 from diffusion_jax import models
-from diffusion_jax import run_setup
+from diffusion_jax.training import run_setup
 from diffusion_jax import sharding
-from diffusion_jax import train_state
+from diffusion_jax.training import train_state
 
 STEP = 3
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top
 import jax
 
-from diffusion_jax import input_pipeline
+from diffusion_jax.data import input_pipeline
 from diffusion_jax import main
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from diffusion_jax import models
 from diffusion_jax.models import UNet
+from diffusion_jax.ops import XLA
 from diffusion_jax.models import UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,12 +112,12 @@ def torch_unet(config_json, seed):
   return model
 
 
-def small_unet_against_diffusers(seed):
-  """SMALL at batch 3 through diffusers and through ours: (want, got, our lowered text).
+def small_unet_against_diffusers(seed, ops=XLA):
+  """SMALL at batch 3 through diffusers and through ours with `ops` (default the pure-JAX
+  operations): (want, got, our lowered text).
 
   Ours is a fresh jit of the model (unlike `apply_eval`, whose first trace per shape is
-  kept for the session), so it follows the caller's convolution settings
-  (`conv.cpu_library`, Winograd thresholds).
+  kept for the session).
   """
   import torch  # pylint: disable=g-import-not-at-top
   from diffusion_jax.convert import diffusers_weights  # pylint: disable=g-import-not-at-top
@@ -129,28 +130,26 @@ def small_unet_against_diffusers(seed):
   with torch.no_grad():
     want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                  torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
-  apply = jax.jit(lambda p, x, t: UNet(SMALL).apply({"params": p}, x, t, train=False))
+  apply = jax.jit(lambda p, x, t: UNet(SMALL, ops=ops).apply({"params": p}, x, t,
+                                                              train=False))
   return want, np.asarray(apply(params, x, t)), apply.lower(params, x, t).as_text()
 
 
-def small_unet_parameter_gradients(seed, contexts):
+def small_unet_parameter_gradients(seed, backends):
   """The gradient of a loss of SMALL's output (batch 3) w.r.t. random parameters, once
-  inside each of `contexts` (name -> context manager factory): name -> gradient tree."""
+  with each of `backends` (name -> `Ops`): name -> gradient tree."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   params = random_params(SMALL, seed=seed)
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((3, SMALL.image_size, SMALL.image_size, 3)).astype(np.float32)
   t = rng.integers(0, 1000, size=3).astype(np.int32)
 
-  def loss(p):
-    out = UNet(SMALL).apply({"params": p}, x, t, train=False)
+  def loss(p, ops):
+    out = UNet(SMALL, ops=ops).apply({"params": p}, x, t, train=False)
     return jnp.mean(jnp.sin(3.0 * out))
 
-  grads = {}
-  for name, context in contexts.items():
-    with context():
-      grads[name] = jax.jit(jax.grad(loss))(params)
-  return grads
+  return {name: jax.jit(jax.grad(lambda p, ops=ops: loss(p, ops)))(params)
+          for name, ops in backends.items()}
 
 
 def assert_gradients_close(got, want):

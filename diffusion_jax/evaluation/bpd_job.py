@@ -8,7 +8,7 @@ is one chunk: the bound of each image is computed on device (`bound.calc_bpd`: o
 `lax.scan` over the T timesteps, the batch sharded over all devices and hosts), and the
 chunk's results are written to `eval/bpd_<split>_step<step>/batch_<k>.npz` as soon as they
 are done. A killed job resumes at the first missing chunk. The noise of image i comes from
-`fold_in(fold_in(key(seed), BPD_STREAM), i)`, so every number is a function of the image
+`fold_in(fold_in(key(seed), streams.BPD), i)`, so every number is a function of the image
 index only: independent of the batch size, the devices and the restarts.
 
 Results: total bits/dim (the NLL bound), its prior (L_T), decoder (L_0) and KL (rate)
@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import bound
-from diffusion_jax import compiler_options
-from diffusion_jax import input_pipeline
 from diffusion_jax import progress
 from diffusion_jax import sharding
+from diffusion_jax import streams
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.diffusion import bound
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
 
@@ -58,7 +58,7 @@ def make_bpd_step(eval_model: restore.EvalModel, config: ml_collections.ConfigDi
   """
   d = config.diffusion
   settings = _bpd_settings(config)
-  base = restore.stream_key(config, restore.BPD_STREAM)
+  base = streams.stream_key(config.seed, streams.BPD)
   rows = sharding.batch_sharding(eval_model.mesh)
 
   def step(params, images, mask, first_index):  # images [B, H, W, C] in [-1, 1]
@@ -77,11 +77,7 @@ def make_bpd_step(eval_model: restore.EvalModel, config: ml_collections.ConfigDi
     return result
 
   return jax.jit(step, out_shardings=sharding.replicated(eval_model.mesh),
-                 compiler_options=compiler_options.for_mesh(eval_model.mesh))
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  return np.asarray(x.addressable_data(0))
+                 compiler_options=eval_model.jit_options())
 
 
 def job_name(split: str) -> str:
@@ -121,7 +117,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
     path = os.path.join(directory, f"batch_{k:06d}.npz")
     if os.path.exists(path):
       continue
-    out = {name: _host(v) for name, v in
+    out = {name: sharding.replicated_value(v) for name, v in
            step_fn(eval_model.params, images, mask, jnp.int32(k * global_batch)).items()}
     count = int(round(float(out["count"])))
     if results.is_writer():

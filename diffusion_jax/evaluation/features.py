@@ -16,26 +16,14 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, 
 
 from absl import logging
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from diffusion_jax import compiler_options
+from diffusion_jax import sharding
 from diffusion_jax.evaluation import inception
 from diffusion_jax.evaluation import inception_weights
 from diffusion_jax.evaluation import resize
 
 Images = Union[np.ndarray, Iterable[np.ndarray]]
-_AXIS = "data"
-
-
-def _put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  # Outputs are replicated: every process holds the full value on its first device.
-  return np.asarray(x.addressable_data(0))
 
 
 class InceptionFeatures:
@@ -47,7 +35,8 @@ class InceptionFeatures:
   """
 
   def __init__(self, params: Any, with_logits: bool = False, batch_size: int = 200,
-               devices: Optional[Sequence[jax.Device]] = None):
+               devices: Optional[Sequence[jax.Device]] = None,
+               jit_options: Optional[Dict[str, Any]] = None):
     """Builds the sharded program.
 
     Args:
@@ -56,30 +45,31 @@ class InceptionFeatures:
       batch_size: images per compiled call over all devices; rounded up to a multiple of
         the number of devices.
       devices: devices of the mesh (default: all devices of all processes).
+      jit_options: compiler options of the program (`Ops.jit_options()` of the kernel
+        policy: on the CPU backend, XLA:CPU options that speed up its convolutions).
     """
     if with_logits and "fc" not in params:
       raise ValueError("with_logits=True needs Inception weights with the 1008-way "
                        "classifier (convert pytorch-fid's pt_inception-2015-12-05 file).")
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    devices = list(jax.devices() if devices is None else devices)
-    self.mesh = Mesh(np.asarray(devices), (_AXIS,))
-    n = len(devices)
+    self.mesh = sharding.make_mesh(devices)
+    n = self.mesh.devices.size
     self.batch_size = -(-batch_size // n) * n
     self.with_logits = with_logits
-    self._batch_sharding = NamedSharding(self.mesh, P(_AXIS))
-    replicated = NamedSharding(self.mesh, P())
+    replicated = sharding.replicated(self.mesh)
     if not with_logits and "fc" in params:
       params = {k: v for k, v in params.items() if k != "fc"}
-    self._params = jax.tree_util.tree_map(lambda a: _put(a, replicated), params)
+    self._params = jax.tree_util.tree_map(lambda a: sharding.put_global(a, replicated),
+                                          params)
     model = inception.InceptionV3FID(with_logits=with_logits)
 
     def forward(p, images):  # images: [B, H, W, C] in [0, 255]
       return model.apply({"params": p}, resize.preprocess_for_inception(images))
 
-    self._forward = jax.jit(forward, in_shardings=(replicated, self._batch_sharding),
-                            out_shardings=replicated,
-                            compiler_options=compiler_options.for_mesh(self.mesh))
+    self._forward = jax.jit(forward, in_shardings=(replicated,
+                                                   sharding.batch_sharding(self.mesh)),
+                            out_shardings=replicated, compiler_options=jit_options)
 
   @classmethod
   def from_file(cls, path: str, with_logits: Optional[bool] = None,
@@ -102,8 +92,8 @@ class InceptionFeatures:
     if count < self.batch_size:
       pad = np.zeros((self.batch_size - count,) + images.shape[1:], images.dtype)
       images = np.concatenate([images, pad], axis=0)
-    out = self._forward(self._params, _put(images, self._batch_sharding))
-    return {k: _host(v)[:count] for k, v in out.items()}
+    out = self._forward(self._params, sharding.put_rows(images, self.mesh))
+    return {k: sharding.replicated_value(v)[:count] for k, v in out.items()}
 
   def __call__(self, images: Images, log_every: int = 0,
                on_batch: Optional[Callable[[int], None]] = None) -> Dict[str, np.ndarray]:

@@ -25,7 +25,9 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from diffusion_jax import input_pipeline
+from diffusion_jax import ops as ops_lib
+from diffusion_jax import sharding
+from diffusion_jax.data import input_pipeline
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import inception_score
@@ -68,9 +70,9 @@ def dataset_statistics(config: ml_collections.ConfigDict,
   if os.path.exists(path):
     mu, sigma, meta = fid.load_statistics(path, with_metadata=True)
     return mu, sigma, meta
-  ds, count = input_pipeline.create_eval_dataset(
-      data, data.train_split, global_batch_size=extractor.batch_size, process_index=0,
-      process_count=1)
+  ds, count = input_pipeline.eval_dataset(
+      data, data.train_split, global_batch_size=extractor.batch_size,
+      rows=np.arange(extractor.batch_size))
   batches = (images[mask] for images, mask in ds.as_numpy_iterator())
   logging.info("FID reference: Inception features of %d images of %s/%s", count,
                data.dataset, data.train_split)
@@ -87,8 +89,9 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
   weights = _check_inputs(config)
   samples = sample_job.generate_samples(config, workdir)
   params, has_logits, meta = inception_weights.load_weights(weights)
-  extractor = features_lib.InceptionFeatures(params, with_logits=has_logits,
-                                             batch_size=int(config.eval.fid_batch_size))
+  extractor = features_lib.InceptionFeatures(
+      params, with_logits=has_logits, batch_size=int(config.eval.fid_batch_size),
+      jit_options=ops_lib.from_config(config, sharding.make_mesh()).jit_options())
   inception_source = meta.get("source", "")
   num = samples["num_samples"]
   out = extractor(sample_job.iterate_samples(samples["directory"], num), log_every=10)

@@ -12,8 +12,8 @@
   lambda in [0, 1] and decoded; each row is x_a, the mixes, x_b.
 * `interpolation_coarse_to_fine.png` (Fig. 9): one pair, one row per t in T *
   `eval.figure_t_fractions`.
-Every program is one compiled sampler call; keys are `fold_in(key(seed), FIGURE_STREAM)`
-folded with the row index. Settings (defaults): eval.figure_rows (4), eval.figure_columns
+Every program is one compiled sampler call; keys are
+`fold_in(key(seed), streams.FIGURE)` folded with the row index. Settings (defaults): eval.figure_rows (4), eval.figure_columns
 (8), eval.figure_t_fractions ((1.0, 0.75, 0.5, 0.25)), eval.figure_num_images (64).
 """
 
@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import compiler_options
-from diffusion_jax import input_pipeline
-from diffusion_jax import sample_grid
-from diffusion_jax import samplers
+from diffusion_jax import image_grid
+from diffusion_jax import sampling
 from diffusion_jax import sharding
+from diffusion_jax import streams
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.diffusion import samplers
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
-from diffusion_jax.evaluation import sample_job
 
 FIGURES_DIR = "figures"
 
@@ -48,19 +48,19 @@ def _settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
           "fractions": fractions, "num_images": int(e.get("figure_num_images", 64))}
 
 
-def _replicated_jit(fn, mesh):
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh),
-                 compiler_options=compiler_options.for_mesh(mesh))
+def _replicated_jit(fn, eval_model: restore.EvalModel):
+  return jax.jit(fn, out_shardings=sharding.replicated(eval_model.mesh),
+                 compiler_options=eval_model.jit_options())
 
 
 def _host(tree):
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  return jax.tree_util.tree_map(sharding.replicated_value, tree)
 
 
 def _save(directory: str, name: str, images: np.ndarray, columns: int) -> str:
   path = os.path.join(directory, name)
   if results.is_writer():
-    sample_grid.save_png(path, sample_grid.make_grid(np.asarray(images), num_cols=columns))
+    image_grid.save_png(path, image_grid.make_grid(np.asarray(images), num_cols=columns))
   return path
 
 
@@ -78,25 +78,23 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
   shape = (int(config.data.image_size),) * 2 + (int(config.data.channels),)
   kwargs = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
                 clip_denoised=bool(s.clip_denoised))
-  base = restore.stream_key(config, restore.FIGURE_STREAM)
+  base = streams.stream_key(config.seed, streams.FIGURE)
   rows, cols = settings["rows"], settings["columns"]
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(rows))  # [rows]
   directory = os.path.join(workdir, FIGURES_DIR, f"step{eval_model.step}")
   params, model_fn = eval_model.params, eval_model.model_fn
   files: Dict[str, str] = {}
 
-  # Sample grid: samples 0..n-1 of the sample job (padded to the device count).
-  n = settings["num_images"]
-  padded = -(-n // mesh.devices.size) * mesh.devices.size
-  sample_fn = sample_job.make_sample_fn(eval_model, config)
-  indices = np.arange(padded, dtype=np.int32)
-  grid = sample_fn(params, sample_job.put_indices(indices, mesh))
-  files["samples"] = _save(directory, "samples.png", _host(grid)[:n], cols)
+  # Sample grid: samples 0..n-1 of the sample job.
+  sample_fn = sampling.make_sample_fn(eval_model.model, schedule, config, mesh,
+                                      eval_model.jit_options())
+  grid = sampling.sample_indices(sample_fn, params, np.arange(settings["num_images"]), mesh)
+  files["samples"] = _save(directory, "samples.png", grid, cols)
 
   # Progressive generation (Figs. 6, 10).
   every = max(1, num_t // 10)
   prog = _replicated_jit(lambda p, k: samplers.progressive_sample(
-      model_fn(p), schedule, k, shape, every=every, **kwargs), mesh)(params, keys)
+      model_fn(p), schedule, k, shape, every=every, **kwargs), eval_model)(params, keys)
   prog = _host({k: v for k, v in prog.items() if k != "timesteps"})
   per_row = prog["pred_xstart"].shape[1]
   files["progressive_pred_x0"] = _save(directory, "progressive_pred_x0.png",
@@ -110,7 +108,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
     t_split = _timestep(num_t, fraction)
     out = _replicated_jit(lambda p, k, t=t_split: samplers.sample_completions(
         model_fn(p), schedule, k, shape, t_split=t, num_completions=cols - 1, **kwargs),
-                          mesh)(params, keys[:1])
+                          eval_model)(params, keys[:1])
     out = _host(out)
     rows_out.append(np.concatenate([np.clip(out["x_t"], -1, 1), out["samples"][0]]))
   files["completions"] = _save(directory, "completions.png", np.concatenate(rows_out), cols)
@@ -123,7 +121,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
   def interp(t, xa, xb, k):
     fn = lambda p, xa, xb, k: samplers.interpolate(model_fn(p), schedule, xa, xb, k, t=t,
                                                    lambdas=lambdas, **kwargs)["samples"]
-    mixes = _host(_replicated_jit(fn, mesh)(params, xa, xb, k))  # [B, L, H, W, C]
+    mixes = _host(_replicated_jit(fn, eval_model)(params, xa, xb, k))  # [B, L, H, W, C]
     return np.concatenate([xa[:, None], mixes, xb[:, None]], axis=1).reshape((-1,) + shape)
 
   files["interpolation"] = _save(directory, "interpolation.png",
@@ -134,7 +132,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
       directory, "interpolation_coarse_to_fine.png", np.concatenate(coarse), cols)
   summary = {"checkpoint_step": eval_model.step, "params": eval_model.params_kind,
              "files": files, "t_fractions": list(settings["fractions"]),
-             **sample_job.sampler_settings(config)}
+             **sampling.settings(config)}
   summary["summary_json"] = results.write_summary(workdir, "figures", eval_model.step,
                                                   summary)
   return summary
@@ -142,9 +140,8 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
 
 def _test_images(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
   """The first `count` images of `data.eval_split` as float32 [-1, 1] (host arrays)."""
-  ds, available = input_pipeline.create_eval_dataset(
-      config.data, config.data.eval_split, global_batch_size=count, num_images=-1,
-      process_index=0, process_count=1)
+  ds, available = input_pipeline.eval_dataset(
+      config.data, config.data.eval_split, global_batch_size=count, rows=np.arange(count))
   if available < count:
     raise ValueError(f"The interpolation figures need {count} images of "
                      f"{config.data.eval_split}; it holds {available}.")

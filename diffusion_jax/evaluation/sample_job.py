@@ -3,16 +3,15 @@
   python -m diffusion_jax.main --mode=sample --config configs/cifar10.py --workdir DIR \
       [--config.sampling.sampler=ddim --config.sampling.num_steps=100 --config.sampling.eta=0]
 
-Sample i is a function of (seed, i) only: its key is
-`fold_in(fold_in(key(seed), SAMPLE_STREAM), i)` and the samplers draw all of its noise from
-that key (see `randomness`), whatever batch or device computes it. Shard k holds samples
-[k * shard_size, (k + 1) * shard_size) as `samples/<tag>/shard_<k>.npz` (`images` uint8
-[n, H, W, C] = round((x + 1) * 127.5) clipped, and `indices`); a shard is written
-atomically once complete, so a killed job resumes at the first missing shard and the final
-set is identical to an uninterrupted one; asking for more samples later completes a short
-last shard and adds new ones. The batch (`sampling.batch_size`, global) is
-sharded over all devices and hosts; a shard's last batch is padded with the following
-indices (computed and dropped), so every call has one compiled shape.
+Sample i is a function of (seed, i) only (`sampling.make_sample_fn`), whatever batch or
+device computes it. Shard k holds samples [k * shard_size, (k + 1) * shard_size) as
+`samples/<tag>/shard_<k>.npz` (`images` uint8 [n, H, W, C] = round((x + 1) * 127.5)
+clipped, and `indices`); a shard is written atomically once complete, so a killed job
+resumes at the first missing shard and the final set is identical to an uninterrupted
+one; asking for more samples later completes a short last shard and adds new ones. The
+batch (`sampling.batch_size`, global) is sharded over all devices and hosts; a shard's
+last batch is padded with the following indices (computed and dropped), so every call
+has one compiled shape.
 """
 
 from __future__ import annotations
@@ -27,11 +26,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import compiler_options
+from diffusion_jax import image_grid
 from diffusion_jax import progress
-from diffusion_jax import run_setup
-from diffusion_jax import sample_grid
-from diffusion_jax import samplers
+from diffusion_jax import sampling
 from diffusion_jax import sharding
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
@@ -39,65 +36,9 @@ from diffusion_jax.evaluation import results
 SAMPLES_DIR = "samples"
 
 
-def sampler_settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """The settings a sample set depends on (its manifest, without the checkpoint)."""
-  s, d = config.sampling, config.diffusion
-  if s.sampler not in run_setup.SAMPLERS:
-    raise ValueError(f"Unknown sampling.sampler {s.sampler!r}; choose one of "
-                     f"{run_setup.SAMPLERS}.")
-  settings = {"sampler": s.sampler, "clip_denoised": bool(s.clip_denoised),
-              "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
-              "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type}
-  if s.sampler == "ddim":
-    settings.update(num_steps=int(s.num_steps), eta=float(s.eta),
-                    eps_from_clipped_x0=bool(s.eps_from_clipped_x0))
-  return settings
-
-
 def sample_tag(config: ml_collections.ConfigDict, step: int) -> str:
   """The directory name of a sample set, e.g. `step800000_ddim50_eta0.0_seed0`."""
-  s = sampler_settings(config)
-  name = (f"ddim{s['num_steps']}_eta{s['eta']}" if s["sampler"] == "ddim"
-          else f"ancestral{s['num_timesteps']}")
-  if s.get("eps_from_clipped_x0"):
-    name += "_clippedeps"
-  return f"step{step}_{name}_seed{s['seed']}"
-
-
-def make_sample_fn(eval_model: restore.EvalModel, config: ml_collections.ConfigDict):
-  """Returns the compiled `sample(params, indices [B] int32) -> [B, H, W, C]` in [-1, 1].
-
-  The indices are sharded over the mesh; the images come back replicated.
-  """
-  s, d = config.sampling, config.diffusion
-  shape = (int(config.data.image_size), int(config.data.image_size),
-           int(config.data.channels))
-  kwargs = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
-                clip_denoised=bool(s.clip_denoised))
-  base = restore.stream_key(config, restore.SAMPLE_STREAM)
-  timesteps = (samplers.ddim_timesteps(int(d.num_timesteps), int(s.num_steps))
-               if s.sampler == "ddim" else None)
-
-  def sample(params, indices):
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)  # [B]
-    model_fn = eval_model.model_fn(params)
-    if timesteps is not None:
-      return samplers.ddim_sample(model_fn, eval_model.schedule, keys, shape,
-                                  timesteps=timesteps, eta=float(s.eta),
-                                  eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **kwargs)
-    return samplers.ancestral_sample(model_fn, eval_model.schedule, keys, shape, **kwargs)
-
-  mesh = eval_model.mesh
-  return jax.jit(sample, in_shardings=(sharding.replicated(mesh),
-                                       sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh),
-                 compiler_options=compiler_options.for_mesh(mesh))
-
-
-def put_indices(indices: np.ndarray, mesh) -> jax.Array:
-  """Places host sample indices [B] split over the mesh (each process its own slices)."""
-  target = sharding.batch_sharding(mesh)
-  return jax.make_array_from_callback(indices.shape, target, lambda idx: indices[idx])
+  return f"step{step}_{sampling.tag(config)}"
 
 
 def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -107,15 +48,16 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   if num < 1 or shard_size < 1:
     raise ValueError(f"sampling.num_samples ({num}) and sampling.shard_size ({shard_size}) "
                      "must be positive.")
-  sampler_settings(config)  # validates before the restore
+  sampling.check_sampler(config)  # before the restore
   eval_model = restore.load_eval_model(config, workdir)
   sharding.check_batch_divisible(batch, eval_model.mesh, "sampling.batch_size")
   directory = os.path.join(workdir, SAMPLES_DIR, sample_tag(config, eval_model.step))
   image_shape = [int(config.data.image_size)] * 2 + [int(config.data.channels)]
   results.check_manifest(directory, {
-      **sampler_settings(config), "step": eval_model.step, "params": eval_model.params_kind,
+      **sampling.settings(config), "step": eval_model.step, "params": eval_model.params_kind,
       "shard_size": shard_size, "image_shape": image_shape})
-  sample_fn = make_sample_fn(eval_model, config)
+  sample_fn = sampling.make_sample_fn(eval_model.model, eval_model.schedule, config,
+                                      eval_model.mesh, eval_model.jit_options())
   num_shards = -(-num // shard_size)
   start, made = time.time(), 0
   for k in range(num_shards):
@@ -128,9 +70,9 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     images = []
     for first in range(start_index, hi, batch):
       indices = np.arange(first, first + batch, dtype=np.int32)
-      out = sample_fn(eval_model.params, put_indices(indices, eval_model.mesh))
-      images.append(np.asarray(out.addressable_data(0))[:hi - first])
-    images = sample_grid.to_uint8(np.concatenate(images)[:hi - start_index])
+      out = sample_fn(eval_model.params, sharding.put_rows(indices, eval_model.mesh))
+      images.append(sharding.replicated_value(out)[:hi - first])
+    images = image_grid.to_uint8(np.concatenate(images)[:hi - start_index])
     if kept is not None:
       images = np.concatenate([kept, images])
     if results.is_writer():
@@ -143,7 +85,7 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("sample_shards_written")
   summary = {"checkpoint_step": eval_model.step, "params": eval_model.params_kind,
-             "num_samples": num, "directory": directory, **sampler_settings(config)}
+             "num_samples": num, "directory": directory, **sampling.settings(config)}
   if made:
     summary["samples_per_second"] = made / max(time.time() - start, 1e-9)
   summary["summary_json"] = results.write_summary(

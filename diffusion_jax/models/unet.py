@@ -5,8 +5,13 @@ Module names mirror the official variable scopes: the official TF variable
 (`W` -> `kernel`, `b` -> `bias`, `gamma` -> `scale`, `beta` -> `bias`), with the same shape.
 
 Usage:
-  model = UNet(config)
+  model = UNet(config)                     # the pure-JAX operations (`ops.XLA`)
+  model = UNet(config, ops=ops.from_config(experiment_config, mesh))  # the kernel policy's
   out = model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})
+
+The network is the architecture only: its convolutions, GroupNorm(+swish) and dropout go
+through the `ops` attribute (see `diffusion_jax.ops`), which does not change the
+parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import ops as ops_lib
 from diffusion_jax.models import layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -141,32 +147,34 @@ def _attn_block(c: UNetConfig) -> type[nn.Module]:
 class _TimestepEmbed(nn.Module):
   """sinusoid(ch) -> dense0 (4 ch) -> swish -> dense1 (4 ch)."""
   config: UNetConfig
+  ops: ops_lib.Ops
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:  # [B] -> [B, 4 ch]
     c, dtype = self.config, self.config.compute_dtype
     temb = layers.timestep_embedding(t, c.ch)  # [B, ch] float32
-    temb = layers.Dense(4 * c.ch, dtype=dtype, name="dense0")(temb)
-    return layers.Dense(4 * c.ch, dtype=dtype, name="dense1")(nn.swish(temb))
+    temb = layers.Dense(4 * c.ch, dtype=dtype, ops=self.ops, name="dense0")(temb)
+    return layers.Dense(4 * c.ch, dtype=dtype, ops=self.ops, name="dense1")(nn.swish(temb))
 
 
 class _DownLevel(nn.Module):
   """Res blocks (+ attention) of one level, then the downsampling (not at the last level)."""
   config: UNetConfig
   level: int
+  ops: ops_lib.Ops
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> list[jax.Array]:
-    c, dtype = self.config, self.config.compute_dtype
+    c, dtype, ops = self.config, self.config.compute_dtype, self.ops
     outputs = []
     for j in range(c.num_res_blocks):
       h = _resnet_block(c)(c.level_channels(self.level), c.dropout, c.num_groups,
-                           dtype=dtype, name=f"block_{j}")(h, temb, train)
+                           dtype=dtype, ops=ops, name=f"block_{j}")(h, temb, train)
       if h.shape[1] in c.attn_resolutions:
-        h = _attn_block(c)(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
+        h = _attn_block(c)(c.num_groups, dtype=dtype, ops=ops, name=f"attn_{j}")(h)
       outputs.append(h)
     if self.level != c.num_resolutions - 1:
-      outputs.append(layers.Downsample(c.resamp_with_conv, dtype=dtype,
+      outputs.append(layers.Downsample(c.resamp_with_conv, dtype=dtype, ops=ops,
                                        name="downsample")(h))
     return outputs
 
@@ -174,15 +182,16 @@ class _DownLevel(nn.Module):
 class _Middle(nn.Module):
   """block_1 -> attn_1 -> block_2 at the lowest resolution."""
   config: UNetConfig
+  ops: ops_lib.Ops
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    c, dtype = self.config, self.config.compute_dtype
+    c, dtype, ops = self.config, self.config.compute_dtype, self.ops
     channels = h.shape[-1]
-    h = _resnet_block(c)(channels, c.dropout, c.num_groups, dtype=dtype,
+    h = _resnet_block(c)(channels, c.dropout, c.num_groups, dtype=dtype, ops=ops,
                          name="block_1")(h, temb, train)
-    h = _attn_block(c)(c.num_groups, dtype=dtype, name="attn_1")(h)
-    return _resnet_block(c)(channels, c.dropout, c.num_groups, dtype=dtype,
+    h = _attn_block(c)(c.num_groups, dtype=dtype, ops=ops, name="attn_1")(h)
+    return _resnet_block(c)(channels, c.dropout, c.num_groups, dtype=dtype, ops=ops,
                             name="block_2")(h, temb, train)
 
 
@@ -190,19 +199,20 @@ class _UpLevel(nn.Module):
   """num_res_blocks + 1 res blocks on [h, skip] (+ attention), then upsampling (not at 0)."""
   config: UNetConfig
   level: int
+  ops: ops_lib.Ops
 
   @nn.compact
   def __call__(self, h: jax.Array, skips: Sequence[jax.Array], temb: jax.Array,
                train: bool) -> jax.Array:
-    c, dtype = self.config, self.config.compute_dtype
+    c, dtype, ops = self.config, self.config.compute_dtype, self.ops
     for j, skip in enumerate(skips):
       h = jnp.concatenate([h, skip], axis=-1)  # [B, H, W, C_h + C_skip]
       h = _resnet_block(c)(c.level_channels(self.level), c.dropout, c.num_groups,
-                           dtype=dtype, name=f"block_{j}")(h, temb, train)
+                           dtype=dtype, ops=ops, name=f"block_{j}")(h, temb, train)
       if h.shape[1] in c.attn_resolutions:
-        h = _attn_block(c)(c.num_groups, dtype=dtype, name=f"attn_{j}")(h)
+        h = _attn_block(c)(c.num_groups, dtype=dtype, ops=ops, name=f"attn_{j}")(h)
     if self.level != 0:
-      h = layers.Upsample(c.resamp_with_conv, dtype=dtype, name="upsample")(h)
+      h = layers.Upsample(c.resamp_with_conv, dtype=dtype, ops=ops, name="upsample")(h)
     return h
 
 
@@ -211,8 +221,14 @@ class UNet(nn.Module):
 
   The output is float32 whatever the compute dtype. Dropout (train=True, dropout > 0)
   draws from the 'dropout' rng stream.
+
+  Attributes:
+    config: the architecture.
+    ops: the convolutions, GroupNorm and dropout (`diffusion_jax.ops`; default the
+      pure-JAX reference).
   """
   config: UNetConfig
+  ops: ops_lib.Ops = ops_lib.XLA
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -224,15 +240,17 @@ class UNet(nn.Module):
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
       raise ValueError(f"UNet timesteps t have shape {tuple(t.shape)}; expected "
                        f"[{x.shape[0]}] (one per example).")
-    temb = _TimestepEmbed(c, name="temb")(t)  # [B, 4 ch]
-    hs = [layers.Conv3x3(c.ch, dtype=dtype, name="conv_in")(x.astype(dtype))]
+    ops = self.ops
+    temb = _TimestepEmbed(c, ops, name="temb")(t)  # [B, 4 ch]
+    hs = [layers.Conv3x3(c.ch, dtype=dtype, ops=ops, name="conv_in")(x.astype(dtype))]
     for i in range(c.num_resolutions):
-      hs += _DownLevel(c, i, name=f"down_{i}")(hs[-1], temb, train)
-    h = _Middle(c, name="mid")(hs[-1], temb, train)
+      hs += _DownLevel(c, i, ops, name=f"down_{i}")(hs[-1], temb, train)
+    h = _Middle(c, ops, name="mid")(hs[-1], temb, train)
     for i in reversed(range(c.num_resolutions)):
       skips = [hs.pop() for _ in range(c.num_res_blocks + 1)]
-      h = _UpLevel(c, i, name=f"up_{i}")(h, skips, temb, train)
+      h = _UpLevel(c, i, ops, name=f"up_{i}")(h, skips, temb, train)
     assert not hs
-    h = nn.swish(layers.GroupNorm(c.num_groups, dtype=dtype, name="norm_out")(h))
-    h = layers.Conv3x3(c.out_channels, init_scale=0.0, dtype=dtype, name="conv_out")(h)
+    h = layers.GroupNorm(c.num_groups, dtype=dtype, swish=True, ops=ops, name="norm_out")(h)
+    h = layers.Conv3x3(c.out_channels, init_scale=0.0, dtype=dtype, ops=ops,
+                       name="conv_out")(h)
     return h.astype(jnp.float32)  # [B, H, W, out_channels]

@@ -20,9 +20,10 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from diffusion_jax import checkpointing
 from diffusion_jax.convert import diffusers_weights
 from diffusion_jax.models import build
+from diffusion_jax.training import checkpointing
+from diffusion_jax.training import params_checkpoint
 
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -52,8 +53,8 @@ def export_workdir(workdir: str, out_dir: str,
   """
   config = read_workdir_config(workdir) if config is None else config
   unet_config = build.unet_config_from(config)
-  params, loaded_step = checkpointing.load_eval_params(workdir, config, use_ema=use_ema,
-                                                       step=step)
+  params, loaded_step = params_checkpoint.load_eval_params(workdir, config, use_ema=use_ema,
+                                                           step=step)
   diffusers_weights.export_diffusers(params, unet_config, out_dir, overwrite=overwrite)
   logging.info("Exported step %s (%s) of %s to %s.", loaded_step,
                "EMA" if use_ema else "raw", workdir, out_dir)

@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from diffusion_jax import ops as ops_lib
+from diffusion_jax import sharding
 from diffusion_jax.evaluation import features as features_lib
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import image_sources
@@ -25,8 +27,12 @@ from diffusion_jax.evaluation import inception_weights
 
 
 def compute_features(images: str, weights: str, num: int = -1, batch_size: int = 200,
-                     with_logits: bool = False) -> Dict[str, np.ndarray]:
+                     with_logits: bool = False, kernels: str = "auto"
+                     ) -> Dict[str, np.ndarray]:
   """Returns the Inception outputs of an image source and the throughput.
+
+  `kernels` is the kernel policy (`diffusion_jax.ops`): on the CPU backend the program
+  gets the XLA:CPU compiler options that speed up its convolutions.
 
   Returns:
     {'pool3': [N, 2048], ('logits': [N, 1008]), 'seconds': scalar, 'source': str}.
@@ -36,8 +42,10 @@ def compute_features(images: str, weights: str, num: int = -1, batch_size: int =
     raise ValueError(f"{weights} has no 1008-way classifier (source {meta.get('source')}); "
                      "the Inception Score needs weights converted from pytorch-fid's "
                      "pt_inception-2015-12-05-6726825d.pth.")
-  extractor = features_lib.InceptionFeatures(params, with_logits=with_logits,
-                                             batch_size=batch_size)
+  mesh = sharding.make_mesh()
+  extractor = features_lib.InceptionFeatures(
+      params, with_logits=with_logits, batch_size=batch_size, devices=list(mesh.devices.flat),
+      jit_options=ops_lib.resolve(kernels, mesh).jit_options())
   # Compile on the first batch outside the timing.
   first = next(image_sources.iterate_images(images, num, batch_size=extractor.batch_size))
   extractor.apply_batch(first[:1])
@@ -58,8 +66,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--num", type=int, default=-1, help="first N images (-1: all)")
   parser.add_argument("--batch_size", type=int, default=200)
   parser.add_argument("--features_out", default="", help="also save pool3 features here")
+  parser.add_argument("--kernels", default="auto", choices=ops_lib.POLICIES,
+                      help="kernel policy (auto: the CPU backend's options on a CPU)")
   args = parser.parse_args(argv)
-  out = compute_features(args.images, args.weights, args.num, args.batch_size)
+  out = compute_features(args.images, args.weights, args.num, args.batch_size,
+                         kernels=args.kernels)
   pool3 = out["pool3"]
   mu, sigma = fid.feature_statistics(pool3)
   fid.save_statistics(args.out, mu, sigma, {"origin": args.images,

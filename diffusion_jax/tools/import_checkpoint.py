@@ -26,10 +26,11 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from diffusion_jax import checkpointing
 from diffusion_jax.convert import diffusers_weights
 from diffusion_jax.convert import tf_checkpoint
 from diffusion_jax.models import build
+from diffusion_jax.training import checkpointing
+from diffusion_jax.training import params_checkpoint
 
 FORMATS = ("auto", "tf", "diffusers")
 
@@ -93,7 +94,7 @@ def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict,
   params, step = load_released_weights(src, config, use_ema=use_ema, fmt=fmt)
   logging.info("Read %d tensors from %s (step %d).", len(jax.tree_util.tree_leaves(params)),
                src, step)
-  return checkpointing.write_params_checkpoint(workdir, config, params, ema_params=params,
+  return params_checkpoint.write_params_checkpoint(workdir, config, params, ema_params=params,
                                                step=step)
 
 
