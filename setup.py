@@ -11,11 +11,12 @@ TensorFlow CPU and tensorflow-datasets, clu, ml-collections, absl-py). Additions
   * safetensors: reads and writes diffusers-format checkpoints without executing code.
   * onednn-cpu-gomp, onednn-devel-cpu-gomp (Linux x86-64 only): Intel's oneDNN library and
     headers, the convolution kernels PyTorch uses on CPU. XLA:CPU's own convolutions are
-    15%-40% slower on the U-Net's shapes; `diffusion_jax/models/onednn.py` compiles a
-    small XLA FFI wrapper against them on first use (needs g++) and falls back to XLA's
-    convolutions where it cannot. These are the CPU-only, GNU-OpenMP builds (the newer
-    `onednn` wheels pull in Intel's SYCL/OpenCL runtimes). Our Winograd 3x3 convolutions
-    (`diffusion_jax/native/winograd.cc`) use its sgemm; the same compiled library holds our
+    15%-40% slower on the U-Net's shapes; the CPU backend (`diffusion_jax/backends/cpu/`)
+    compiles small XLA FFI handlers against them on first use (needs g++); where it
+    cannot, the kernel policy `model.kernels=auto` keeps the pure-JAX operations. These
+    are the CPU-only, GNU-OpenMP builds (the newer `onednn` wheels pull in Intel's
+    SYCL/OpenCL runtimes). The backend's Winograd 3x3 convolutions
+    (`backends/cpu/csrc/winograd.cc`) use its sgemm; the same compiled library holds its
     GroupNorm and dropout kernels, which need no oneDNN.
 
 Test-only (extra "test"): pytest; torch (CPU build, pinned) and diffusers, the PyTorch port
@@ -55,7 +56,7 @@ setup(
         "onednn-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
         "onednn-devel-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
     ],
-    package_data={"diffusion_jax": ["native/*.cc", "native/*.h"]},
+    package_data={"diffusion_jax": ["backends/cpu/csrc/*.cc", "backends/cpu/csrc/*.h"]},
     extras_require={
         "test": [
             "pytest>=8",

@@ -1,59 +1,47 @@
-"""The compiled GroupNorm (+ swish) kernels (`models/native_norm.py`) against float64.
+"""The CPU backend's GroupNorm (+ swish) kernels (`backends/cpu/group_norm.py`) against
+float64.
 
-The reference is the textbook formula (mean and variance over the pixels and the channels
-of each group of a [B, P, G, C/G] view, affine, swish) in float64 NumPy, its gradients
-by JAX's autodiff of the same formula in float64: independent of both our XLA version's
-closed form and the C++ kernels. Shapes cover batch 1 (one slice), odd batches (unequal
-slices on XLA's two threads), 1, some and one-channel groups, inputs whose mean is far
-from zero (where a one-pass variance would lose digits) and pre-activations far beyond
-the range where exp over- or underflows (the kernel's own exp clamps).
+The reference is `kernel_references.group_norm_values_and_grads`: the textbook formula in
+float64, its gradients by JAX's autodiff, independent of both the closed form of
+`ops.group_norm` and the C++ kernels. Shapes cover batch 1 (one slice), odd batches
+(unequal slices on XLA's two threads), 1, some and one-channel groups, inputs whose mean
+is far from zero (where a one-pass variance would lose digits) and pre-activations far
+beyond the range where exp over- or underflows (the kernel's own exp clamps).
 
-The session runs with 8 fake CPU devices, where the kernels are off by default (like the
-oneDNN convolutions), so these tests ask for them with `conv.cpu_library("onednn")`.
+The operations are those of a one-device mesh (`make_ops`), where the kernels are called
+directly; the runs over 8 devices are test_per_shard.py's.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_references import EPSILON as EPS
+from kernel_references import eight_device_mesh
+from kernel_references import group_norm_values_and_grads
+from kernel_references import one_device_mesh
+from kernel_references import rel
 
-from diffusion_jax.models import conv
-from diffusion_jax.models import native_norm
-from diffusion_jax.models import norm
-from diffusion_jax.models import onednn
+from diffusion_jax import ops
+from diffusion_jax.backends import cpu
+from diffusion_jax.backends.cpu import group_norm as cpu_group_norm
+from diffusion_jax.ops import group_norm as ops_group_norm
 
-EPS = 1e-6
+pytestmark = pytest.mark.native
+
 TARGET = "diffusion_jax_group_norm"
 
 
-def _reference(x, scale, bias, groups, swish):
-  """float64 textbook GroupNorm (+ swish) in jax.numpy, for values and autodiff."""
-  b, c = x.shape[0], x.shape[-1]
-  grouped = x.reshape(b, -1, groups, c // groups)
-  mean = grouped.mean(axis=(1, 3), keepdims=True)
-  var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-  a = ((grouped - mean) / jnp.sqrt(var + EPS)).reshape(x.shape) * scale + bias
-  return a * jax.nn.sigmoid(a) if swish else a
-
-
-def _reference_values_and_grads(x, scale, bias, g, groups, swish):
-  with jax.enable_x64(True):
-    args = tuple(jnp.asarray(np.asarray(a, np.float64)) for a in (x, scale, bias))
-    y, vjp = jax.vjp(lambda *a: _reference(*a, groups, swish), *args)
-    grads = vjp(jnp.asarray(np.asarray(g, np.float64)))
-    return tuple(np.asarray(a) for a in (y,) + grads)
+def native_ops():
+  """The CPU backend's operations on one device."""
+  return cpu.make_ops(one_device_mesh())
 
 
 def _native_values_and_grads(x, scale, bias, g, groups, swish):
-  f = lambda *a: norm.group_norm(*a, num_groups=groups, epsilon=EPS, swish=swish)
-  with conv.cpu_library("onednn"):
-    y, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, scale, bias)
-    return (y,) + jax.jit(vjp)(g)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
+  group_norm = native_ops().group_norm
+  f = lambda *a: group_norm(*a, num_groups=groups, epsilon=EPS, swish=swish)
+  y, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, scale, bias)
+  return (y,) + jax.jit(vjp)(g)
 
 
 def _inputs(shape, seed, offset=4.0, spread=2.0, scale_size=0.3):
@@ -66,7 +54,7 @@ def _inputs(shape, seed, offset=4.0, spread=2.0, scale_size=0.3):
 
 
 def test_the_kernels_are_built_and_registered():
-  assert onednn.available(), onednn._state.get("error")  # pylint: disable=protected-access
+  assert cpu.unavailable_reason() is None
 
 
 SHAPES = [  # shape, groups
@@ -84,10 +72,10 @@ SHAPES = [  # shape, groups
 def test_values_and_gradients_match_float64(shape, groups, swish):
   x, scale, bias, g = _inputs(shape, seed=len(shape) * 100 + shape[0] + groups)
   got = _native_values_and_grads(x, scale, bias, g, groups, swish)
-  want = _reference_values_and_grads(x, scale, bias, g, groups, swish)
+  want = group_norm_values_and_grads(x, scale, bias, g, groups, swish)
   for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
     assert a.dtype == jnp.float32 and a.shape == b.shape, name
-    assert _rel(a, b) < 2e-6, (name, _rel(a, b))
+    assert rel(a, b) < 2e-6, (name, rel(a, b))
 
 
 def test_swish_beyond_the_range_of_exp():
@@ -96,11 +84,11 @@ def test_swish_beyond_the_range_of_exp():
   x, scale, bias, g = _inputs((2, 8, 8, 16), seed=5, scale_size=0.0)
   scale = np.linspace(-150.0, 150.0, 16).astype(np.float32)
   got = _native_values_and_grads(x, scale, bias, g, 4, True)
-  want = _reference_values_and_grads(x, scale, bias, g, 4, True)
+  want = group_norm_values_and_grads(x, scale, bias, g, 4, True)
   assert np.abs(want[0]).max() > 200.0  # the test reaches far beyond +-88
   for name, a, b in zip(("y", "dx", "dscale", "dbias"), got, want):
     assert np.all(np.isfinite(a)), name
-    assert _rel(a, b) < 2e-6, (name, _rel(a, b))
+    assert rel(a, b) < 2e-6, (name, rel(a, b))
   # Elementwise too: no value is far off (float32's x_hat is good to about 1e-7 of it;
   # the scale multiplies that error).
   error = np.abs(np.asarray(got[0], np.float64) - want[0])
@@ -109,38 +97,47 @@ def test_swish_beyond_the_range_of_exp():
 
 def test_agrees_with_the_xla_version_under_vmap():
   x, scale, bias, g = _inputs((3, 2, 6, 6, 8), seed=9)  # 3 batches of 2
-  loss = lambda x, s, b, g: jnp.vdot(
-      norm.group_norm(x, s, b, num_groups=4, epsilon=EPS, swish=True), g)
   grads = {}
-  for library in ("onednn", "xla"):
-    with conv.cpu_library(library):
-      grads[library] = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)),
-                                        in_axes=(0, None, None, 0)))(x, scale, bias, g)
-  for a, b in zip(grads["onednn"], grads["xla"]):
+  for backend in (native_ops(), ops.XLA):
+    loss = lambda x, s, b, g, f=backend.group_norm: jnp.vdot(
+        f(x, s, b, num_groups=4, epsilon=EPS, swish=True), g)
+    grads[backend.name] = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)),
+                                           in_axes=(0, None, None, 0)))(x, scale, bias, g)
+  for a, b in zip(grads["native"], grads["xla"]):
     assert a.shape == b.shape
-    assert _rel(a, b) < 1e-5
+    assert rel(a, b) < 1e-5
 
 
-def _lowered(library, dtype=jnp.float32, out_dtype=None):
+def _lowered(backend, dtype=jnp.float32, out_dtype=None):
   x = jnp.zeros((2, 4, 4, 8), dtype)
   s = jnp.ones((8,))
-  with conv.cpu_library(library):
-    f = lambda x: norm.group_norm(x, s, s, num_groups=4, epsilon=EPS, out_dtype=out_dtype)
-    return jax.jit(f).lower(x).as_text()
+  f = lambda x: backend.group_norm(x, s, s, num_groups=4, epsilon=EPS, out_dtype=out_dtype)
+  return jax.jit(f).lower(x).as_text()
 
 
-def test_used_where_the_onednn_convolutions_are():
-  assert TARGET in _lowered("onednn")
-  assert TARGET not in _lowered("xla")
-  assert TARGET not in _lowered("onednn", jnp.bfloat16)  # float32 only
-  assert TARGET not in _lowered("onednn", out_dtype=jnp.bfloat16)
-  assert jax.device_count() == 8 and TARGET not in _lowered("auto")
+def test_used_where_the_cpu_backend_is():
+  assert TARGET in _lowered(native_ops())
+  assert TARGET in _lowered(cpu.make_ops(eight_device_mesh()))
+  assert TARGET in _lowered(ops.resolve("auto", one_device_mesh()))
+  assert TARGET not in _lowered(ops.XLA)
+  assert TARGET not in _lowered(native_ops(), jnp.bfloat16)  # float32 only
+  assert TARGET not in _lowered(native_ops(), out_dtype=jnp.bfloat16)
+  assert not cpu_group_norm.applies(jnp.zeros(2, jnp.bfloat16), None)
+  assert not cpu_group_norm.applies(jnp.zeros(2), jnp.bfloat16)
+  assert cpu_group_norm.applies(jnp.zeros(2), jnp.float32)
 
 
 def test_bad_input_is_named():
   x = jnp.zeros((2, 4, 4, 12))
   s = jnp.ones((12,))
   with pytest.raises(ValueError, match="num_groups=5"):
-    native_norm.group_norm(x, s, s, num_groups=5, epsilon=EPS)
+    ops_group_norm.group_norm(x, s, s, num_groups=5, epsilon=EPS,
+                              kernels=cpu_group_norm.KERNELS)
+  for mesh in (one_device_mesh(), eight_device_mesh()):  # not an error of shard_map's
+    with pytest.raises(ValueError, match="num_groups=5"):
+      cpu.make_ops(mesh).group_norm(x, s, s, num_groups=5, epsilon=EPS)
   with pytest.raises(ValueError, match="float32"):
-    native_norm.group_norm(x.astype(jnp.bfloat16), s, s, num_groups=4, epsilon=EPS)
+    ops_group_norm.group_norm(x.astype(jnp.bfloat16), s, s, num_groups=4, epsilon=EPS,
+                              kernels=cpu_group_norm.KERNELS)
+  with pytest.raises(ValueError, match="float32"):
+    cpu_group_norm.forward(x, s, s, 4, EPS, False, out_dtype=jnp.bfloat16)

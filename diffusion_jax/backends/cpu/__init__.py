@@ -23,8 +23,7 @@ from diffusion_jax.backends.cpu import conv as conv_lib
 from diffusion_jax.backends.cpu import dropout as dropout_lib
 from diffusion_jax.backends.cpu import group_norm as group_norm_lib
 from diffusion_jax.backends.cpu import library
-from diffusion_jax.backends.cpu.per_shard import per_shard
-from diffusion_jax.backends.cpu.per_shard import shard_index
+from diffusion_jax.backends.cpu import per_shard as per_shard_lib
 from diffusion_jax.ops import group_norm as ops_group_norm
 from diffusion_jax.ops import reference
 from diffusion_jax.ops.interface import Ops
@@ -66,14 +65,14 @@ def make_ops(mesh: Mesh, *, winograd: bool = True, compiler_options: bool = True
     padding = reference.conv3x3_padding(x.shape, stride)
     bias = jnp.zeros(kernel.shape[-1:], jnp.float32) if bias is None else bias
     run = lambda x, k, b: conv_lib.conv(x, k, stride, padding, b, algorithm)
-    return per_shard(run, mesh, (0,))(x, kernel, bias.astype(jnp.float32))
+    return per_shard_lib.per_shard(run, mesh, (0,))(x, kernel, bias.astype(jnp.float32))
 
   def conv1x1(x, kernel, bias):
     reference.check_conv1x1(x, kernel)
     if not _both_float32(x, kernel):
       return reference.conv1x1(x, kernel, bias)
     run = lambda x, k, b: conv_lib.conv(x, k[None, None], 1, _NO_PADDING, b, "direct")
-    return per_shard(run, mesh, (0,))(x, kernel, bias.astype(jnp.float32))
+    return per_shard_lib.per_shard(run, mesh, (0,))(x, kernel, bias.astype(jnp.float32))
 
   def group_norm(x, scale, bias, *, num_groups, epsilon, swish=False, out_dtype=None):
     if not group_norm_lib.applies(x, out_dtype):
@@ -84,21 +83,21 @@ def make_ops(mesh: Mesh, *, winograd: bool = True, compiler_options: bool = True
         kernels=group_norm_lib.KERNELS)
     if x.ndim < 2 or x.shape[-1] % num_groups:  # the same message as the reference's
       return run(x, scale, bias)
-    return per_shard(run, mesh, (0,))(x, scale, bias)
+    return per_shard_lib.per_shard(run, mesh, (0,))(x, scale, bias)
 
   def dropout(x, key, rate):
     if x.dtype != jnp.float32:
       return reference.dropout(x, key, rate)
     reference.check_dropout_rate(rate)
-    run = lambda x, k: dropout_lib.dropout(x, k, rate, shard=shard_index(mesh))
-    return per_shard(run, mesh, (0,))(x, key)
+    run = lambda x, k: dropout_lib.dropout(x, k, rate, shard=per_shard_lib.shard_index(mesh))
+    return per_shard_lib.per_shard(run, mesh, (0,))(x, key)
 
   options = compiler_options_lib.options() if compiler_options else {}
-  devices = mesh.devices.size
+  convolutions = "oneDNN" + (" (3x3 stride 1 by Winograd F(2x2, 3x3) where it pays)"
+                             if winograd else "")
   return Ops(
       name="native", conv3x3=conv3x3, conv1x1=conv1x1, group_norm=group_norm,
       dropout=dropout, compiler_options=tuple(sorted(options.items())),
-      description=(f"CPU backend: float32 convolutions through oneDNN"
-                   f"{' (3x3 stride 1 by Winograd F(2x2, 3x3) where it pays)' if winograd else ''}"
-                   f", compiled GroupNorm and dropout kernels, per shard over {devices} "
+      description=(f"CPU backend: float32 convolutions through {convolutions}, compiled "
+                   f"GroupNorm and dropout kernels, per shard over {mesh.devices.size} "
                    f"device(s); XLA:CPU options {options or 'none'}"))

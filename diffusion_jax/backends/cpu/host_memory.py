@@ -10,7 +10,9 @@ another program in the process (the PyTorch peer of the benchmarks) has freed me
 `reuse_freed_memory()` sets glibc's malloc (`mallopt`) to one arena for all threads (the
 setting that matters), no `mmap` per large allocation and no trimming, so that the next
 step reuses the previous step's buffers: no page faults, and the process keeps its
-high-water mark (which a training or evaluation job reaches at every step anyway).
+high-water mark (which a training or evaluation job reaches at every step anyway). Over
+the first steps the heap may still grow by a few step-sized blocks (small allocations
+settle into freed large ones) before it levels off.
 
 `diffusion_jax.main` calls it before JAX starts when the config's kernel policy may pick
 the CPU backend (`model.kernels` auto or native) and `cpu.reuse_host_memory` is on; the

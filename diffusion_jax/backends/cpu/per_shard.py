@@ -37,7 +37,8 @@ def per_shard(fn: Callable, mesh: Mesh, batched: Sequence[int]) -> Callable:
   """`fn` applied per device to the rows of its batched arguments.
 
   Args:
-    fn: fn(*args) -> one array whose leading axis is the batch of the batched arguments.
+    fn: fn(*args) -> one array whose leading axis is the batch of the batched arguments
+      (a batched argument of rank 0 has no batch: `fn` is then called as it is).
     mesh: the program's one-axis data-parallel mesh (`sharding.make_mesh`).
     batched: positions of the arguments whose leading axis is the batch; the others are
       replicated.
@@ -51,6 +52,8 @@ def per_shard(fn: Callable, mesh: Mesh, batched: Sequence[int]) -> Callable:
   batched = tuple(batched)
 
   def run(*args):
+    if jnp.ndim(args[batched[0]]) == 0:
+      return fn(*args)
     rows = args[batched[0]].shape[0]
     pad = -rows % num_devices
     if pad:

@@ -1,6 +1,7 @@
 // Group normalization (optionally followed by swish) of float32 NHWC images, forward and
-// backward, as XLA FFI handlers for JAX's CPU backend (diffusion_jax/models/native_norm.py
-// registers and calls them; the formulas are those of diffusion_jax/models/norm.py).
+// backward, as XLA FFI handlers for JAX's CPU backend (diffusion_jax/backends/cpu/
+// group_norm.py calls them; the formulas are those of the reference kernels in
+// diffusion_jax/ops/group_norm.py).
 //
 //   DjGroupNormForward   x [N, P, C], scale [C], bias [C] -> y [N, P, C], mean [N, G],
 //                        rstd [N, G]
@@ -20,7 +21,7 @@
 // order, so results do not depend on timing.
 //
 // Inner loops run over the channels of one pixel (contiguous), vectorized by the compiler
-// (built with -O3 -march=native, see models/onednn.py); exp is a polynomial that
+// (built with -O3 -march=native, see backends/cpu/library.py); exp is a polynomial that
 // vectorizes (below).
 
 #include <algorithm>
@@ -46,7 +47,7 @@ using diffusion_jax::Slices;
 // |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial, 2^n through the exponent bits.
 // Only arithmetic and selects, so loops that call it vectorize (the library's expf does
 // not); that needs -fno-trapping-math (the clamp is then a select, not a branch) and no
-// memcpy (a bit cast instead), see models/onednn.py.
+// memcpy (a bit cast instead), see backends/cpu/library.py.
 inline float Exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   // n = floor(x / ln2 + 1/2), through a truncation of a positive number (for NaN: 0; the

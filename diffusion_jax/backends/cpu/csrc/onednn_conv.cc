@@ -1,5 +1,6 @@
 // 2-D convolutions of NHWC float32 images with HWIO kernels through oneDNN, as XLA FFI
-// handlers for JAX's CPU backend (diffusion_jax/models/onednn.py builds and registers them).
+// handlers for JAX's CPU backend (diffusion_jax/backends/cpu/library.py builds and
+// registers them).
 //
 // Two handlers (b: a bias per output channel, added in the convolution's own pass):
 //   DjOnednnConvForward   y = conv(x, w) + b                 x, w, b  -> y
