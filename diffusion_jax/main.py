@@ -10,6 +10,9 @@ Multi-host: on a Cloud TPU VM (one host or a pod slice) and in SLURM jobs of sev
 `jax.distributed.initialize()` is called and finds its peers by itself (`--distributed` /
 `--nodistributed` force it on or off); elsewhere pass
 `--coordinator_address host:port --num_processes N --process_id i`. See launch/.
+
+Errors in the input (settings, files, a full disk, a non-finite loss) end the job with one
+line on stderr and exit status 1 (`diffusion_jax.cli`; `--verbose` keeps the traceback).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from diffusion_jax import cli
 
 
 FLAGS = flags.FLAGS
@@ -44,6 +49,7 @@ flags.DEFINE_bool("library_info_logs", False,
                   "Show the INFO lines of orbax (several per checkpoint save); warnings "
                   "and errors are always shown.")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.define_verbose_flag()
 
 # Libraries whose INFO lines drown the training log (orbax logs ~20 per save).
 _CHATTY_LIBRARIES = (f"{os.sep}orbax{os.sep}",)
@@ -119,4 +125,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(cli.absl_main(main))

@@ -108,6 +108,8 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
     ref_mu, ref_sigma, ref_meta = dataset_statistics(
         config, extractor, inception_source, os.path.join(workdir, results.EVAL_DIR))
     reference = {"origin": f"{config.data.dataset}:{config.data.train_split}", **ref_meta}
+  samples = {("samples_summary_json" if k == "summary_json" else k): v
+             for k, v in samples.items()}
   summary: Dict[str, Any] = {
       **samples, "fid": fid.frechet_distance(mu, sigma, ref_mu, ref_sigma,
                                              method=config.eval.get("fid_method", "sqrtm")),

@@ -81,13 +81,16 @@ def check_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
 def write_summary(workdir: str, name: str, step: int, summary: Dict[str, Any]) -> str:
   """Writes `eval/<name>_step<step>.json` and the numeric entries to clu's writer.
 
+  The written summary's `summary_json` entry is this file's own path (whatever `summary`
+  held there, e.g. the path of another job's summary it was built from).
+
   Returns:
     The JSON path.
   """
   path = os.path.join(workdir, EVAL_DIR, f"{name}_step{step}.json")
   if not is_writer():
     return path
-  write_json_atomic(path, summary)
+  write_json_atomic(path, {**summary, "summary_json": path})
   scalars = {f"{name}/{k}": float(v) for k, v in summary.items()
              if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
   writer = metric_writers.create_default_writer(os.path.join(workdir, EVAL_DIR),

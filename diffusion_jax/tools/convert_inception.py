@@ -24,6 +24,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from diffusion_jax import cli
 from diffusion_jax.evaluation import inception_weights
 
 
@@ -136,4 +137,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_argv(main))

@@ -20,6 +20,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from diffusion_jax import cli
 from diffusion_jax.convert import diffusers_weights
 from diffusion_jax.models import build
 from diffusion_jax.training import checkpointing
@@ -82,13 +83,11 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  """Command entry: bad input ends with its message (no traceback) and exit status 1."""
+  """Command entry: bad input ends with one line on stderr and exit status 1
+  (`diffusion_jax.cli`)."""
   define_flags()
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"Error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.define_verbose_flag()
+  app.run(cli.absl_main(main))
 
 
 if __name__ == "__main__":

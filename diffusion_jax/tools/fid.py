@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Dict, Optional, Sequence
 
+from diffusion_jax import cli
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import image_sources
 from diffusion_jax.evaluation import inception_score as is_lib
@@ -73,4 +74,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_argv(main))

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from diffusion_jax import cli
 from diffusion_jax import ops as ops_lib
 from diffusion_jax import sharding
 from diffusion_jax.evaluation import features as features_lib
@@ -86,4 +87,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_argv(main))

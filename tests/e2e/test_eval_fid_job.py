@@ -50,7 +50,13 @@ def test_fid_job_end_to_end_with_data_reference(workdir, tmp_path_factory):
   assert summary["fid_reference"]["origin"] == "digits:train[:8]"
   assert summary["inception_score"] is None and "classifier" in summary["inception_score_note"]
   with open(summary["summary_json"]) as f:
-    assert json.load(f)["fid"] == summary["fid"]
+    written = json.load(f)
+  assert written["fid"] == summary["fid"]
+  # The summary names its own file, and the sampling job's separately.
+  assert written["summary_json"] == summary["summary_json"]
+  assert os.path.basename(summary["summary_json"]).startswith("fid_step")
+  assert os.path.basename(written["samples_summary_json"]).startswith("samples_")
+  assert os.path.exists(written["samples_summary_json"])
   # The reported FID is the distance between the statistics files the job left: the
   # samples' (next to them) and the data reference's (cached under eval/ with its origin).
   cached = [f for f in os.listdir(os.path.join(workdir, "eval"))
