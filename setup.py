@@ -9,6 +9,13 @@ TensorFlow CPU and tensorflow-datasets, clu, ml-collections, absl-py). Additions
   * pillow: writes sample grids as PNG and reads image folders.
   * matplotlib: plots of the rate-distortion curve in the evaluation jobs.
   * safetensors: reads and writes diffusers-format checkpoints without executing code.
+  * diffrax (with equinox, lineax, optimistix; pure JAX, no compiled code): adaptive ODE
+    solvers (Dopri5/Tsit5 with PID step control) that run inside jit and vmap, for the
+    probability-flow ODE likelihood (`diffusion/ode_likelihood.py`); a maintained
+    library instead of a hand-written Runge-Kutta with error control.
+  * huggingface_hub: downloads the released models by name (`import_checkpoint --src
+    google/ddpm-cifar10-32`) into its resumable, shared cache, and finds them there
+    offline; the hub's own client rather than hand-made HTTP and cache handling.
   * onednn-cpu-gomp, onednn-devel-cpu-gomp (Linux x86-64 only): Intel's oneDNN library and
     headers, the convolution kernels PyTorch uses on CPU. XLA:CPU's own convolutions are
     15%-40% slower on the U-Net's shapes; the CPU backend (`diffusion_jax/backends/cpu/`)
@@ -53,6 +60,8 @@ setup(
         "pillow>=10.0",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        "diffrax>=0.7",
+        "huggingface_hub>=0.20",
         "onednn-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
         "onednn-devel-cpu-gomp==2023.2.0" + _ONEDNN_MARKER,
     ],

@@ -272,3 +272,46 @@ def ddim(c, model, x_T, noises, seq, eta, mean_type, var_type, clip,
     if eta:
       x = x + sigma * noises[t]
   return x
+
+
+# --- Analytic-DPM (Bao et al. 2022), in the paper's general form ----------------------
+
+
+def analytic_chain(abar, tau):
+  """Per step of the subsequence tau (paper's n over the chain): the generalized forward
+  process with lambda_n^2 = beta_tilde_n = beta_bar_{n-1} / beta_bar_n * beta_n (Eq. 3 and
+  the DDPM special case), one Python float at a time.
+
+  Returns a list of dicts with lam2 (lambda^2), x0_coef and xt_coef of
+  mu_tilde(x_n, x_0) = sqrt(abar_{n-1}) x_0 + sqrt(bbar_{n-1} - lambda^2)
+  (x_n - sqrt(abar_n) x_0) / sqrt(bbar_n), and the Thm. 1 factor
+  (sqrt(bbar_n / alpha_n) - sqrt(bbar_{n-1} - lambda^2))^2.
+  """
+  steps = []
+  for k, t in enumerate(tau):
+    a_n = float(abar[t])
+    a_p = float(abar[tau[k - 1]]) if k else 1.0
+    alpha = a_n / a_p
+    bb_n, bb_p = 1.0 - a_n, 1.0 - a_p
+    lam2 = bb_p / bb_n * (1.0 - alpha)
+    root = math.sqrt(max(bb_p - lam2, 0.0))
+    steps.append({
+        "lam2": lam2,
+        "x0_coef": math.sqrt(a_p) - root * math.sqrt(a_n / bb_n),
+        "xt_coef": root / math.sqrt(bb_n),
+        "factor": (math.sqrt(bb_n / alpha) - root)**2,
+        "alpha": alpha, "abar": a_n, "abar_prev": a_p,
+    })
+  return steps
+
+
+def analytic_variance(abar, tau, gamma, lo=-1.0, hi=1.0):
+  """Thm. 1's sigma*^2 = lambda^2 + factor (1 - Gamma), and Thm. 2's bounds for data in
+  [lo, hi]: lambda^2 <= sigma*^2 <= lambda^2 + min(factor, (x0 coefficient)^2
+  ((hi - lo) / 2)^2). Returns (unclipped, lower, upper) lists."""
+  unclipped, lower, upper = [], [], []
+  for s, t in zip(analytic_chain(abar, tau), tau):
+    unclipped.append(s["lam2"] + s["factor"] * (1.0 - float(gamma[t])))
+    lower.append(s["lam2"])
+    upper.append(s["lam2"] + min(s["factor"], s["x0_coef"]**2 * ((hi - lo) / 2)**2))
+  return np.array(unclipped), np.array(lower), np.array(upper)
