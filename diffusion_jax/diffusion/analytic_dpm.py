@@ -9,7 +9,8 @@ x_{tau_{k-1}} (to the data x_0 for k = 1) with
 (alpha_bar_{tau_0} = 1), the chain's own posterior q(x_{tau_{k-1}} | x_{tau_k}, x_0) =
 N(c1_k x_0 + c2_k x_{tau_k}, beta_tilde_k I) with
   beta_tilde_k = beta_bar_{k-1} beta_k / beta_bar_k,
-  c1_k = sqrt(alpha_bar_{k-1}) beta_k / beta_bar_k,  c2_k = sqrt(alpha_k) beta_bar_{k-1} / beta_bar_k,
+  c1_k = sqrt(alpha_bar_{k-1}) beta_k / beta_bar_k,
+  c2_k = sqrt(alpha_k) beta_bar_{k-1} / beta_bar_k,
 and the model's step N(c1_k x0_hat + c2_k x_{tau_k}, sigma_k^2 I), x0_hat the network's
 prediction of x_0 at tau_k (the DDPM step of the respaced chain).
 
