@@ -37,6 +37,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # image_size: False raises an error, True center-crops and resizes them. LSUN, folders
   # and the digits are always cropped/resized.
   data.resize = False
+  # Folder sources: leave out image files that cannot be decoded (with a warning that
+  # counts them) instead of stopping with an error that names them.
+  data.skip_bad_images = False
 
   # --- Model (the official U-Net) ----------------------------------------------
   model = config.model = ml_collections.ConfigDict()
@@ -102,13 +105,43 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Sampling -------------------------------------------------------------------
   sampling = config.sampling = ml_collections.ConfigDict()
-  sampling.sampler = "ancestral"  # ancestral or ddim
-  sampling.num_steps = 1000  # DDIM: number of steps of the subsequence.
+  # ancestral (all T steps), respaced (ancestral over num_steps of them), ddim,
+  # dpmpp_2m, dpmpp_3m, dpmpp_2s, dpmpp_3s (DPM-Solver++, data prediction, multistep or
+  # singlestep), dpm_2m, dpm_3m, dpm_2s, dpm_3s (DPM-Solver, noise prediction), euler,
+  # heun (Karras et al.); see diffusion_jax/sampling.py.
+  sampling.sampler = "ancestral"
+  sampling.num_steps = 1000  # Steps of the grid (every sampler but ancestral).
+  # Timestep grid (diffusion/timesteps.py): uniform, even, quad, leading, linspace,
+  # trailing, time_quadratic, logsnr, karras; "" = the sampler's default (ddim: uniform,
+  # respaced: even, DPM-Solvers: logsnr, euler/heun: karras).
+  sampling.spacing = ""
+  sampling.final_step = "zero"  # zero (end noise-free) or t0 (end at timestep 0's level)
+  sampling.denoise_to_zero = False  # With t0: one more network call returns its x_0.
   sampling.eta = 0.0  # DDIM eta (1.0 reproduces ancestral sampling with fixedsmall).
-  sampling.clip_denoised = True
+  sampling.clip_denoised = True  # Clip the predicted x_0 to [-1, 1].
   # DDIM: re-derive eps from the clipped x_0 (diffusers' use_clipped_model_output); with
   # eta = 1 this is the paper's ancestral step (fixedsmall) over the subsequence.
   sampling.eps_from_clipped_x0 = False
+  # Dynamic thresholding of the predicted x_0 (Imagen): its quantile (0 = off; e.g.
+  # 0.995) and the largest threshold; every sampler but ddim.
+  sampling.threshold_ratio = 0.0
+  sampling.threshold_max = 1.0
+  sampling.solver_type = "midpoint"  # DPM-Solver second-order form: midpoint or heun
+  sampling.lower_order_final = True  # DPM-Solver: lower orders at the end (< 15 steps)
+  # euler/heun stochastic churn (Karras et al. Algorithm 2): S_churn, S_tmin, S_tmax,
+  # S_noise (levels in Karras units sigma / alpha); karras_rho: the karras grid's rho.
+  sampling.churn = 0.0
+  sampling.churn_tmin = 0.0
+  sampling.churn_tmax = float("inf")
+  sampling.churn_noise = 1.0
+  sampling.karras_rho = 7.0
+  # DDIM inversion (--mode=invert): the first invert_num_images images of
+  # invert_source ("" = data.eval_split, or path.npz[:key]), encoded by DDIM over the
+  # grid of num_steps and spacing (ddim's), each step refined by
+  # invert_fixed_point_iterations more network calls, then decoded.
+  sampling.invert_source = ""
+  sampling.invert_num_images = 64
+  sampling.invert_fixed_point_iterations = 2
   sampling.num_samples = 50_000
   sampling.batch_size = 256  # Global batch for sampling jobs.
   sampling.shard_size = 1_000  # Images per written shard.
@@ -130,6 +163,35 @@ def get_base_config() -> ml_collections.ConfigDict:
   eval_config.figure_columns = 8
   eval_config.figure_t_fractions = (1.0, 0.75, 0.5, 0.25)  # Of T: where x_t is shared.
   eval_config.figure_num_images = 64
+  # Analytic-DPM (`--mode=eval_analytic`): Gamma_t = E ||eps_theta(x_t, t)||^2 / d over the
+  # first analytic_num_images images of analytic_split (train: the paper's practice).
+  eval_config.analytic_split = "train"
+  eval_config.analytic_num_images = 1000
+  eval_config.analytic_batch_size = 64
+  eval_config.analytic_t_chunk = 1
+  # Bits/dim job extras: the bound with Analytic-DPM variances (needs eval_analytic) for
+  # T and for every K-step chain of bpd_chain_steps (each also with the chain's
+  # fixedsmall/fixedlarge variances), and the probability-flow ODE bits/dim.
+  eval_config.bpd_analytic = False
+  eval_config.bpd_chain_steps = ()  # e.g. (10, 25, 50, 100)
+  eval_config.bpd_ode = False
+  eval_config.ode_trace = "rademacher"  # rademacher, gaussian (Hutchinson) or exact
+  eval_config.ode_num_probes = 1  # Hutchinson probes per image
+  eval_config.ode_solver = "dopri5"  # dopri5 (score_sde's RK45) or tsit5
+  eval_config.ode_rtol = 1e-5
+  eval_config.ode_atol = 1e-5
+  eval_config.ode_t_min = 1e-5
+  eval_config.ode_max_steps = 4096
+  # FID job: references of the roles in fid_references ("train": fid_reference or
+  # data.train_split; "test": fid_test_reference or data.eval_split), computed once from
+  # the first fid_reference_num_images images (-1: all) and cached under eval/ with
+  # their features (for KID and precision/recall).
+  eval_config.fid_references = ("train", "test")
+  eval_config.fid_test_reference = ""
+  eval_config.fid_reference_num_images = -1
+  eval_config.kid_subsets = 100
+  eval_config.kid_subset_size = 1000
+  eval_config.pr_num_images = 10_000  # precision/recall (k = 3) on at most this many
   return config
 
 

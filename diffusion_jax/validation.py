@@ -2,10 +2,15 @@
 compilation, so that bad settings fail in seconds, before anything is written.
 
 `validate_config` is called once at the start of training and of every evaluation job.
-Each error names the field and the fix.
+Every numeric field has a range (`RULES`); each error names the field, the value, the
+range and, where it helps, the fix.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
 
 from jax.sharding import Mesh
 import ml_collections
@@ -18,31 +23,129 @@ from diffusion_jax.diffusion import schedules
 from diffusion_jax.ops import policy
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """The allowed values of one numeric field: `check(value)` and how to say it."""
+  text: str
+  check: Callable[[Any], bool]
+  integer: bool = False
+
+
+def _at_least(low: int) -> Rule:
+  return Rule(f"an integer >= {low}", lambda v: v >= low, integer=True)
+
+
+def _positive() -> Rule:
+  return Rule("> 0", lambda v: v > 0)
+
+
+def _non_negative() -> Rule:
+  return Rule(">= 0", lambda v: v >= 0)
+
+
+def _unit_interval_open_right() -> Rule:
+  return Rule("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _unit_interval_open_left() -> Rule:
+  return Rule("in (0, 1]", lambda v: 0 < v <= 1)
+
+
+# Every numeric field of the base config (`config_base`) and its range.
+RULES: dict[str, Rule] = {
+    "seed": _at_least(0),
+    "data.image_size": _at_least(1),
+    "data.channels": Rule("1 or 3", lambda v: v in (1, 3), integer=True),
+    "model.ch": _at_least(4),
+    "model.num_res_blocks": _at_least(1),
+    "model.num_groups": _at_least(1),
+    "model.dropout": _unit_interval_open_right(),
+    "diffusion.num_timesteps": _at_least(1),
+    "diffusion.beta_start": _unit_interval_open_left(),
+    "diffusion.beta_end": _unit_interval_open_left(),
+    "diffusion.hybrid_lambda": _non_negative(),
+    "training.batch_size": _at_least(1),
+    "training.num_train_steps": _at_least(1),
+    "training.log_every_steps": _at_least(1),
+    "training.checkpoint_every_steps": _at_least(1),
+    "training.checkpoint_every_minutes": _positive(),
+    "training.snapshot_every_steps": _at_least(1),
+    "training.sample_every_steps": _at_least(1),
+    "training.num_sample_images": _at_least(1),
+    "training.max_to_keep_preemption": _at_least(1),
+    "optim.learning_rate": _positive(),
+    "optim.warmup_steps": _at_least(0),
+    "optim.grad_clip_norm": _positive(),
+    "optim.beta1": _unit_interval_open_right(),
+    "optim.beta2": _unit_interval_open_right(),
+    "optim.eps": _positive(),
+    "optim.ema_decay": _unit_interval_open_right(),
+    "sampling.num_steps": _at_least(1),
+    "sampling.eta": _non_negative(),
+    "sampling.num_samples": _at_least(1),
+    "sampling.batch_size": _at_least(1),
+    "sampling.shard_size": _at_least(1),
+    "eval.checkpoint_step": _at_least(-1),
+    "eval.bpd_batch_size": _at_least(1),
+    "eval.bpd_num_images": Rule("-1 (the whole split) or an integer >= 1",
+                                lambda v: v == -1 or v >= 1, integer=True),
+    "eval.bpd_t_chunk": _at_least(1),
+    "eval.fid_batch_size": _at_least(1),
+    "eval.figure_rows": _at_least(1),
+    "eval.figure_columns": _at_least(3),
+    "eval.figure_num_images": _at_least(1),
+}
+
+
+def _get(config: ml_collections.ConfigDict, path: str):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for the first numeric field outside its range (`RULES`).
+
+  Fields missing from `config` (an older config) are skipped.
+  """
+  for path, rule in RULES.items():
+    value = _get(config, path)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"{path}={value!r} must be a number ({rule.text}).")
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{path}={value!r} must be finite and {rule.text}.")
+    if rule.integer and float(value) != int(value):
+      raise ValueError(f"{path}={value!r} must be {rule.text}.")
+    if not rule.check(value):
+      raise ValueError(f"{path}={value!r} is out of range: it must be {rule.text}; set "
+                       f"--config.{path}=... accordingly.")
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh, *,
                     training: bool = True) -> None:
   """Raises ValueError naming the field and the fix for settings that cannot run.
 
-  Checks the model (via `UNetConfig`), the kernel policy, the diffusion and loss names,
-  the beta schedule, the sampler, the step cadences, the EMA decay and, for training,
-  that the global training batch splits over the devices and processes (evaluation jobs
-  check their own batch sizes).
+  Checks every numeric range (`check_ranges`), the model (via `UNetConfig`), the kernel
+  policy, the diffusion and loss names, the beta schedule, the sampler, the figure
+  fractions and, for training, that the global training batch splits over the devices
+  and processes (evaluation jobs check their own batch sizes against the mesh).
   """
+  check_ranges(config)
   models.unet_config_from(config)
   policy.check_policy(str(config.model.get("kernels", "auto")))
   d = config.diffusion
   losses.check_loss_config(d.model_mean_type, d.model_var_type, d.loss_type)
   schedules.get_beta_schedule(d.beta_schedule, int(d.num_timesteps), float(d.beta_start),
                               float(d.beta_end))
-  t = config.training
   if training:
-    sharding.check_batch_divisible(int(t.batch_size), mesh, "training.batch_size")
-  for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
-               "snapshot_every_steps", "sample_every_steps", "num_sample_images"):
-    if int(t[name]) < 1:
-      raise ValueError(f"training.{name} must be >= 1, got {t[name]}.")
-  if float(t.checkpoint_every_minutes) <= 0:
-    raise ValueError("training.checkpoint_every_minutes must be > 0, got "
-                     f"{t.checkpoint_every_minutes}.")
-  if not 0.0 <= float(config.optim.ema_decay) < 1.0:
-    raise ValueError(f"optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}.")
+    sharding.check_batch_divisible(int(config.training.batch_size), mesh,
+                                   "training.batch_size")
+  fractions = tuple(config.eval.get("figure_t_fractions", ()))
+  if any(not 0.0 < float(f) <= 1.0 for f in fractions):
+    raise ValueError(f"eval.figure_t_fractions={fractions} must lie in (0, 1].")
   sampling.check_sampler(config)

@@ -5,18 +5,34 @@ Layout under the workdir:
   snapshots/<step>/     sparse snapshots, all kept,
   config.json           the run's configuration (human-readable copy),
   unreadable_checkpoints/  checkpoints that failed to restore, moved aside (never deleted).
-Every checkpoint holds two items: `state` (the `TrainState` pytree) and `config` (the
-configuration as JSON), so the architecture of any checkpoint can be read back and compared
-without restoring it.
+Every checkpoint holds three items: `state` (the `TrainState` pytree), `config` (the
+configuration as JSON, so the architecture of any checkpoint can be read back and
+compared without restoring it) and `digests` (a digest of every array of the state,
+`training.digests`).
 
-Restore takes the newest step over both directories; if it cannot be read it says so in
-the log, moves it aside and falls back to the next older one.
+Saving: a step's copies (checkpoints/ and, at snapshot steps, snapshots/) are written one
+after the other by one background thread from a host copy of the state, and the step is
+reported saved only when every copy has committed. A failed write (no space, quota,
+permission, I/O error) is kept and raised once, as a `CheckpointWriteError` naming the
+path, the errno and what is kept, by the next `check`, `save`, `wait` or `close`; the
+writer's own tracebacks are not logged.
+
+Restoring takes the newest step over both directories and checks every array against its
+digest; a checkpoint that cannot be read, or whose arrays differ from what was saved, is
+logged with the step and the first mismatching array, moved aside, and the next older one
+is used. A checkpoint without digests (written by an older version) is restored with a
+note.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno as errno_lib
 import json
+import logging as py_logging
 import os
+import re
+import sys
 import time
 from typing import Any
 
@@ -27,6 +43,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
+from diffusion_jax.training import digests as digests_lib
 
 PyTree = Any
 CHECKPOINT_DIR = "checkpoints"
@@ -134,14 +151,88 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   tmp.replace(root / CONFIG_FILE)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (the message names the path, errno and what is
+  kept)."""
+
+  def __init__(self, message: str, errno: int | None = None, path: str | None = None):
+    super().__init__(message)
+    self.message, self.errno, self.filename = message, errno, path
+
+  def __str__(self) -> str:
+    return self.message
+
+
+class _WriterLogFilter(py_logging.Filter):
+  """Drops the tracebacks that orbax's writer threads log when a save fails (also after
+  the save call has returned): the Checkpointer raises the failure once, with its cause,
+  and reports unreadable checkpoints itself."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (record.levelno >= py_logging.ERROR and
+                f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_writer_errors() -> None:
+  """Installs `_WriterLogFilter` on absl's logger (once per process)."""
+  logger = py_logging.getLogger("absl")
+  if not any(isinstance(f, _WriterLogFilter) for f in logger.filters):
+    logger.addFilter(_WriterLogFilter())
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """Keeps the writer's late callbacks quiet after a failed save.
+
+  When a write fails, orbax's event loop closes while tensorstore still completes the
+  other writes; each completion then reports "Event loop is closed" through
+  `sys.unraisablehook` (hundreds of tracebacks around the one line that matters). Those
+  exact reports are dropped; everything else reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def _write_failure(error: BaseException, directory: str) -> tuple[str, int | None, str]:
+  """(path, errno, cause) of a failed write, from the exception chain.
+
+  tensorstore reports its file errors as text ('Failed writing: "<path>": ... [os_error_
+  code='27']'); Python's OSError carries them as attributes.
+  """
+  chain, seen = [], error
+  while seen is not None and len(chain) < 16:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:
+    if isinstance(e, OSError) and e.errno is not None:
+      return (e.filename or directory, e.errno, e.strerror or os.strerror(e.errno))
+  text = " ".join(str(e) for e in chain)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  path = (re.search(r'Failed (?:writing|to write|opening|creating|renaming)\w*:? "([^"]+)"',
+                    text) or re.search(r'local file "([^"]+)"', text))
+  number = int(code.group(1)) if code else None
+  cause = os.strerror(number) if number else (str(error).splitlines() or ["unknown"])[0]
+  return (path.group(1) if path else directory), number, cause
+
+
 class Checkpointer:
-  """Preemption checkpoints and kept snapshots of one workdir, with fallback restore.
+  """Preemption checkpoints and kept snapshots of one workdir, verified restore.
 
   Args:
     workdir: the run's directory.
     config: the run's configuration (saved with every checkpoint).
     max_to_keep: preemption checkpoints kept (snapshots are all kept).
-    async_save: write in the background (`wait` blocks until written).
+    async_save: write in a background thread (`check` raises a failed write; `wait`
+      blocks until written).
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
@@ -153,16 +244,23 @@ class Checkpointer:
       return ocp.CheckpointManager(
           epath.Path(self.workdir) / sub,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+              max_to_keep=keep, enable_async_checkpointing=False, create=True,
               cleanup_tmp_directories=True,
-              # Both managers may save the same step at once: their cross-process
-              # barriers (named after the step) need distinct names.
+              # Both managers may save the same step: their cross-process barriers
+              # (named after the step) need distinct names.
               multiprocessing_options=ocp.options.MultiprocessingOptions(
                   barrier_sync_key_prefix=sub)),
-          item_names=("state", "config"))
+          item_names=("state", "config", "digests"))
 
     self._managers = {CHECKPOINT_DIR: manager(CHECKPOINT_DIR, max(1, int(max_to_keep))),
                       SNAPSHOT_DIR: manager(SNAPSHOT_DIR, None)}
+    self._executor = (concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="checkpoint_writer") if async_save else None)
+    self._pending: concurrent.futures.Future | None = None
+    self._failure: CheckpointWriteError | None = None
+    self.restored_from: tuple[int, str] | None = None  # (step, directory) of `restore`
+    _drop_closed_loop_callbacks()
+    _quiet_writer_errors()
 
   def latest_step(self) -> int | None:
     """Returns the newest step over both directories, or None."""
@@ -170,35 +268,131 @@ class Checkpointer:
     steps = [s for s in steps if s is not None]
     return max(steps) if steps else None
 
+  # --- saving ----------------------------------------------------------------------
+
   def save(self, step: int, state: PyTree, *, snapshot: bool = False,
            preemption: bool = True) -> None:
     """Saves `state` at `step` (all processes must call this together).
+
+    Waits for the previous save first (raising its failure, if any), then writes in the
+    background (or here, without `async_save`).
 
     Args:
       step: the state's step.
       state: the train state (replicated global arrays, or host arrays).
       snapshot: also keep it in snapshots/.
       preemption: save it in checkpoints/.
+
+    Raises:
+      CheckpointWriteError: this save (without `async_save`) or the previous one failed.
     """
+    self.wait()
     subs = ([CHECKPOINT_DIR] if preemption else []) + ([SNAPSHOT_DIR] if snapshot else [])
     # The state is replicated: every process holds all of it. Writing a host copy skips
     # orbax's per-replica device slicing (which compiles per array shape) and lets the
     # next (donating) train step reuse the device buffers at once.
-    state = jax.device_get(state)
-    for sub in subs:
-      mngr = self._managers[sub]
-      if step in mngr.all_steps():
-        continue
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self._config)),
-                force=True)
+    host_state = jax.device_get(state)
+    if self._executor is None:
+      self._write(int(step), host_state, subs)
+      self.wait()
+    else:
+      self._pending = self._executor.submit(self._write, int(step), host_state, subs)
+
+  def _write(self, step: int, host_state: PyTree, subs: list[str]) -> None:
+    """Writes every copy of one step (on the writer thread); keeps a failure for `check`."""
+    done = []
+    try:
+      digests = digests_lib.tree_digests(host_state)
+      for sub in subs:
+        mngr = self._managers[sub]
+        if step in mngr.all_steps():
+          continue
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(host_state),
+            config=ocp.args.JsonSave(self._config),
+            digests=ocp.args.JsonSave(digests)), force=True)
+        done.append(sub)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failure = self._describe_failure(step, subs, done, e)
+      return
+    logging.info("Saved step %d (%s) in %s.", step,
+                 ", ".join(f"{sub}/{step}" for sub in subs), self.workdir)
+
+  def _describe_failure(self, step: int, subs: list[str], done: list[str],
+                        error: BaseException) -> CheckpointWriteError:
+    failed = next(sub for sub in subs if sub not in done)
+    directory = os.path.join(self.workdir, failed, str(step))
+    path, number, cause = _write_failure(error, directory)
+    kept = [f"{sub}/{step}" for sub in done]
+    newest = self._newest_committed(exclude=step)
+    if newest is not None:
+      kept.append(f"step {newest[0]} ({newest[1]}/{newest[0]})")
+    errno_text = (f"[Errno {number}: {errno_lib.errorcode.get(number, number)}] "
+                  if number else "")
+    return CheckpointWriteError(
+        f"Saving the checkpoint of step {step} failed: writing {path}: "
+        f"{errno_text}{cause}. Training stopped; kept: "
+        f"{', '.join(kept) if kept else 'no checkpoint of this run yet'}. Free space (or "
+        "fix the quota or permissions) and rerun the same command to resume.",
+        number, path)
+
+  def _newest_committed(self, exclude: int) -> tuple[int, str] | None:
+    for step, sub in list_steps(self.workdir):
+      if step != exclude:
+        return step, sub
+    return None
+
+  def check(self) -> None:
+    """Raises the failure of a background save, if one failed (once); never blocks."""
+    if self._pending is not None and self._pending.done():
+      self._pending = None
+    if self._failure is not None:
+      failure, self._failure = self._failure, None
+      raise failure
+
+  def failed(self) -> bool:
+    """Whether a finished background save failed (without raising it)."""
+    if self._pending is not None and self._pending.done():
+      self._pending = None
+    return self._failure is not None
+
+  def wait(self) -> None:
+    """Blocks until the pending save is written; raises its failure, if any."""
+    if self._pending is not None:
+      self._pending.result()
+      self._pending = None
+    self.check()
+
+  def close(self, raise_failure: bool = True) -> None:
+    """Waits for the pending save and releases the managers.
+
+    Args:
+      raise_failure: raise a failed save not raised before (False: log it instead, for
+        a caller that is already stopping on another error).
+    """
+    try:
+      if self._pending is not None:
+        concurrent.futures.wait([self._pending])
+        self._pending = None
+      if self._failure is not None and not raise_failure:
+        logging.error("%s", self._failure)
+        self._failure = None
+      self.check()
+    finally:
+      if self._executor is not None:
+        self._executor.shutdown(wait=True)
+      for mngr in self._managers.values():
+        mngr.close()
+
+  # --- restoring -------------------------------------------------------------------
 
   def restore(self, abstract_state: PyTree, step: int | None = None
               ) -> tuple[PyTree | None, int | None]:
-    """Restores the newest readable checkpoint (or exactly `step`).
+    """Restores the newest readable, intact checkpoint (or exactly `step`).
 
-    An unreadable checkpoint is logged, moved to unreadable_checkpoints/ (process 0) and
-    skipped in favour of the next older one.
+    A checkpoint that cannot be read or whose arrays differ from their saved digests is
+    logged, moved to unreadable_checkpoints/ (process 0) and skipped in favour of the next
+    older one (or the other copy of the same step).
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings (the restore target).
@@ -223,27 +417,72 @@ class Checkpointer:
       return None, None
     failures = []
     for cand_step, sub in candidates:
-      try:
-        restored = self._managers[sub].restore(cand_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-      except Exception as e:  # pylint: disable=broad-except
-        message = f"{type(e).__name__}: {str(e)[:500]}"
-        logging.error("Checkpoint %s/%d in %s is unreadable (%s).", sub, cand_step,
-                      self.workdir, message)
-        failures.append((cand_step, sub, message))
+      state, problem = self._read_verified(sub, cand_step, abstract_state)
+      if problem is not None:
+        logging.error("Checkpoint %s/%d in %s is unusable: %s.", sub, cand_step,
+                      self.workdir, problem)
+        failures.append((cand_step, sub, problem))
         continue
       if failures:
-        logging.warning("Falling back to checkpoint %s/%d after unreadable checkpoint(s) "
-                        "%s.", sub, cand_step, [f"{s}/{n}" for n, s, _ in failures])
+        logging.warning("Falling back to checkpoint %s/%d after unusable checkpoint(s) %s.",
+                        sub, cand_step, [f"{s}/{n}" for n, s, _ in failures])
         self._move_aside(failures)
-      return restored.state, cand_step
+      self.restored_from = (cand_step, sub)
+      return state, cand_step
     raise RuntimeError(
         f"No checkpoint in {self.workdir} could be read:\n" +
         "\n".join(f"  {sub}/{s}: {m}" for s, sub, m in failures) +
         "\nRefusing to start from scratch over them: move them away or use a new --workdir.")
 
+  def _read_verified(self, sub: str, step: int, abstract_state: PyTree
+                     ) -> tuple[PyTree | None, str | None]:
+    """(state, None) if `sub/step` reads and matches its digests, else (None, why)."""
+    has_digests = (epath.Path(self.workdir) / sub / str(step) / "digests").exists()
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if has_digests:
+      items["digests"] = ocp.args.JsonRestore()
+    try:
+      restored = self._managers[sub].restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      return None, f"unreadable ({type(e).__name__}: {str(e)[:500]})"
+    if not has_digests:
+      logging.warning("Checkpoint %s/%d has no array digests (written by an older version "
+                      "of diffusion_jax): restored without checking its arrays.", sub, step)
+      return restored.state, None
+    try:
+      mismatch = digests_lib.first_mismatch(jax.device_get(restored.state),
+                                            restored.digests)
+    except ValueError as e:
+      return None, f"its digests cannot be checked ({e})"
+    if mismatch is not None:
+      return None, (f"its arrays differ from what was saved (first mismatching array: "
+                    f"{mismatch})")
+    return restored.state, None
+
+  def ensure_snapshot(self, step: int, state: PyTree, abstract_state: PyTree) -> bool:
+    """Makes sure snapshots/<step> exists and is intact; writes it from `state` if not.
+
+    For a run restored at a snapshot step: a kill between the step's two copies, or a
+    damaged snapshot, would otherwise lose that snapshot for good. Waits for the write.
+
+    Returns:
+      True if the snapshot was (re)written.
+    """
+    path = epath.Path(self.workdir) / SNAPSHOT_DIR / str(step)
+    if path.exists():
+      _, problem = self._read_verified(SNAPSHOT_DIR, step, abstract_state)
+      if problem is None:
+        return False
+      logging.error("Snapshot %s is unusable: %s.", path, problem)
+      self._move_aside([(step, SNAPSHOT_DIR, problem)])
+    logging.warning("Writing the missing snapshot of step %d again (from the restored "
+                    "state).", step)
+    self.save(step, state, snapshot=True, preemption=False)
+    self.wait()
+    return True
+
   def _move_aside(self, failures) -> None:
-    """Moves unreadable step directories to unreadable_checkpoints/ and reloads."""
+    """Moves unusable step directories to unreadable_checkpoints/ and reloads."""
     if jax.process_index() == 0:
       dest_root = epath.Path(self.workdir) / UNREADABLE_DIR
       dest_root.mkdir(parents=True, exist_ok=True)
@@ -251,19 +490,8 @@ class Checkpointer:
         src = epath.Path(self.workdir) / sub / str(step)
         dest = dest_root / f"{sub}_{step}_{int(time.time())}"
         src.rename(dest)
-        logging.warning("Moved unreadable checkpoint %s to %s.", src, dest)
+        logging.warning("Moved unusable checkpoint %s to %s.", src, dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("checkpointing_move_aside")
     for mngr in self._managers.values():
       mngr.reload()
-
-  def wait(self) -> None:
-    """Blocks until every pending asynchronous save is written."""
-    for mngr in self._managers.values():
-      mngr.wait_until_finished()
-
-  def close(self) -> None:
-    """Waits for pending saves and releases the managers."""
-    self.wait()
-    for mngr in self._managers.values():
-      mngr.close()

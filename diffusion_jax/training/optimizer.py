@@ -48,7 +48,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTra
 
   Args:
     optim_config: the `optim` section (learning_rate, warmup_steps, grad_clip_norm,
-      beta1, beta2, eps). `grad_clip_norm <= 0` disables clipping.
+      beta1, beta2, eps). `grad_clip_norm <= 0` disables clipping here; a run's config
+      must have grad_clip_norm > 0 (`validation.RULES`).
   """
   parts = []
   if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:

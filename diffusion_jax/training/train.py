@@ -127,6 +127,21 @@ def _save_samples(sample_fn, state, mesh, num_images: int, step: int, workdir: s
   writer.write_images(step, {"samples_ema": grid[None]})
 
 
+def _is_snapshot_step(step: int, t_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `step` is saved in snapshots/ (every `snapshot_every_steps`, and the last)."""
+  return step % int(t_cfg.snapshot_every_steps) == 0 or step == int(t_cfg.num_train_steps)
+
+
+def _raise_failed_save(ckpt: checkpointing.Checkpointer) -> None:
+  """Stops every process at once when a background save failed on any of them."""
+  if not _any_process(ckpt.failed()):
+    return
+  ckpt.check()  # Raises this process's failure.
+  raise checkpointing.CheckpointWriteError(
+      "Saving a checkpoint failed on another process (its log names the path and "
+      "the cause). Training stopped; rerun the same command to resume once it is fixed.")
+
+
 def _with_resolved_kernels(config: ml_collections.ConfigDict,
                            ops) -> ml_collections.ConfigDict:
   """The config as written to config.json: `model.kernels` as resolved for this program."""
@@ -175,6 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if state is None:
     state = run_setup.init_train_state(config, mesh)
     logging.info("Starting a new run in %s.", workdir)
+  elif _is_snapshot_step(start_step, t_cfg):
+    # A kill between the step's copies, or a damaged snapshot, must not lose it.
+    ckpt.ensure_snapshot(start_step, state, run_setup.abstract_train_state(config, mesh))
   logging.info("model.kernels=%s: %s.", config.model.get("kernels", "auto"), ops.description)
   checkpointing.write_config(workdir, _with_resolved_kernels(config, ops))
   writer = metric_writers.create_default_writer(
@@ -216,12 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last = step == num_steps
         stopping = minutes_due = False
         if step % sync_every == 0 or last:
+          _raise_failed_save(ckpt)
           minutes_due = (time.monotonic() - last_save_time >=
                          60.0 * float(t_cfg.checkpoint_every_minutes))
           stopping, minutes_due = _any_process(stop.requested), _any_process(minutes_due)
         preempt = (step % int(t_cfg.checkpoint_every_steps) == 0 or minutes_due or last or
                    stopping)
-        snapshot = step % int(t_cfg.snapshot_every_steps) == 0 or last
+        snapshot = _is_snapshot_step(step, t_cfg)
         if step % int(t_cfg.log_every_steps) == 0 or preempt or snapshot:
           summary = _summarize(pending)  # Raises before any NaN state could be saved.
           pending = []
@@ -238,7 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           logging.warning("Stopped at step %d after a checkpoint; rerun the same command "
                           "to resume.", step)
           break
-  finally:
-    ckpt.close()  # Waits for the asynchronous saves.
+  except BaseException:
+    ckpt.close(raise_failure=False)  # Waits for the background save; keeps this error.
     writer.flush()
+    raise
+  ckpt.close()  # Waits for the background save; raises if it failed.
+  writer.flush()
   return state
