@@ -8,6 +8,10 @@ folded with a step or an example index where that applies:
   SAMPLE    samples (then the sample index): the sampling and FID jobs' sample sets and
             the training run's sample grids, so a grid shows samples 0..N-1 of the set.
   FIGURE    the figures job (then the figure row).
+  ANALYTIC  the Analytic-DPM job's noise (then the image index in its split).
+  ODE       the ODE likelihood (then the image index): fold_in(., 0) the dequantization
+            noise u, fold_in(., 1) the Hutchinson probes.
+  KID       the KID subsets: NumPy's default_rng([seed, KID]) (see evaluation.kid).
 
 Per-example streams past T: within a sampler, example b's key `keys[b]` is folded with the
 timestep t in [0, T) for the noise of step t and with T for x_T (see
@@ -25,6 +29,9 @@ TRAIN = 1
 BPD = 10
 SAMPLE = 11
 FIGURE = 12
+ANALYTIC = 13
+ODE = 14
+KID = 15
 
 COMPLETION = 1
 ENCODER = 2

@@ -16,6 +16,18 @@ parts; the rate-distortion table of the paper's Table 4 (every T/10 reverse step
 rate is the bits received so far, L_T + sum_{s >= t} L_s, and the distortion the RMSE on
 [0, 255] of the x_0 predicted from x_t, root of the mean over images and pixels) as CSV,
 the full curves as CSV and a plot (Fig. 5), and a JSON summary.
+
+Optional parts, in the same summary, each with its own chunk directory and manifest (so
+turning one on later reuses the chunks of the others):
+  * `eval.bpd_analytic` / `eval.bpd_chain_steps`: the bound with Analytic-DPM variances
+    for T steps and the bounds of K-step chains (`bpd_chains`; needs `--mode=
+    eval_analytic` first for the analytic variances);
+  * `eval.bpd_ode`: probability-flow ODE bits/dim with uniform dequantization
+    (`bpd_ode`).
+Which likelihood is which: the VLB and the chain bounds are bounds on the discrete
+(256-level) data's negative log-likelihood with the discretized Gaussian decoder; the
+ODE figure is an upper bound on it through uniform dequantization (+7 bits/dim offset,
+reported). All are for `eval.bpd_split` (the test split by default, as the papers).
 """
 
 from __future__ import annotations
@@ -37,6 +49,9 @@ from diffusion_jax import sharding
 from diffusion_jax import streams
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.diffusion import bound
+from diffusion_jax.evaluation import analytic_job
+from diffusion_jax.evaluation import bpd_chains
+from diffusion_jax.evaluation import bpd_ode
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
 
@@ -91,12 +106,11 @@ def chunk_dir(workdir: str, split: str, step: int) -> str:
 
 
 def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Runs (or resumes) the bits/dim evaluation of `config.eval.bpd_split`; returns the summary."""
-  split = config.eval.bpd_split
-  if split in ("test", "eval"):
-    split = config.data.eval_split
-  elif split == "train":
-    split = config.data.train_split
+  """Runs (or resumes) the bits/dim job on `config.eval.bpd_split`; returns the summary."""
+  split = analytic_job.resolve_split(config, config.eval.bpd_split)
+  use_ode = bool(config.eval.get("bpd_ode", False))
+  ode_settings = bpd_ode.settings(config) if use_ode else {}  # checked before the restore
+  bpd_chains.chain_steps(config)
   eval_model = restore.load_eval_model(config, workdir)
   global_batch = int(config.eval.bpd_batch_size)
   sharding.check_batch_divisible(global_batch, eval_model.mesh, "eval.bpd_batch_size")
@@ -110,34 +124,76 @@ def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
               "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
               "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type,
               **_bpd_settings(config)}
+  # part name -> (chunk directory, compiled step, chunk_arrays(out, count, first_index)).
+  parts = {}
+  chains = None
+  if bpd_chains.chain_steps(config):
+    chains = bpd_chains.prepare(config, workdir, eval_model)
+    parts["chains"] = (directory + "_chains", {**manifest, **chains["manifest"]},
+                       lambda: bpd_chains.make_step(eval_model, config, global_batch,
+                                                    chains),
+                       lambda out, n, first: bpd_chains.chunk_arrays(out, n))
+  if use_ode:
+    parts["ode"] = (directory + "_ode", {**manifest, **ode_settings},
+                    lambda: bpd_ode.make_step(eval_model, config, global_batch),
+                    bpd_ode.chunk_arrays)
   results.check_manifest(directory, manifest)
-  step_fn = make_bpd_step(eval_model, config, global_batch)
+  for part_dir, part_manifest, _, _ in parts.values():
+    results.check_manifest(part_dir, part_manifest)
+  steps = {"vlb": make_bpd_step(eval_model, config, global_batch)}
   start, done, done_batches = time.time(), 0, 0
   for k, (images, mask) in enumerate(iterator):
+    first = k * global_batch
     path = os.path.join(directory, f"batch_{k:06d}.npz")
-    if os.path.exists(path):
+    did = False
+    if not os.path.exists(path):
+      out = {name: sharding.replicated_value(v) for name, v in
+             steps["vlb"](eval_model.params, images, mask, jnp.int32(first)).items()}
+      count = int(round(float(out["count"])))
+      if results.is_writer():
+        results.save_npz_atomic(path, **{n: out[n][:count] for n in _PER_IMAGE},
+                                terms_sum=out["terms_sum"].astype(np.float64),
+                                mse_sum=out["mse_sum"].astype(np.float64),
+                                count=np.int64(count))
+      done += count
+      did = True
+    count = min(global_batch, iterator.num_images - first)  # the real rows (mask)
+    for name, (part_dir, _, make, to_arrays) in parts.items():
+      part_path = os.path.join(part_dir, f"batch_{k:06d}.npz")
+      if os.path.exists(part_path):
+        continue
+      if name not in steps:
+        steps[name] = make()
+      out = {n: sharding.replicated_value(v) for n, v in
+             steps[name](eval_model.params, images, mask, jnp.int32(first)).items()}
+      arrays = to_arrays(out, count, first)
+      if results.is_writer():
+        results.save_npz_atomic(part_path, **arrays)
+      did = True
+    if not did:
       continue
-    out = {name: sharding.replicated_value(v) for name, v in
-           step_fn(eval_model.params, images, mask, jnp.int32(k * global_batch)).items()}
-    count = int(round(float(out["count"])))
-    if results.is_writer():
-      results.save_npz_atomic(path, **{n: out[n][:count] for n in _PER_IMAGE},
-                              terms_sum=out["terms_sum"].astype(np.float64),
-                              mse_sum=out["mse_sum"].astype(np.float64),
-                              count=np.int64(count))
-    done += count
     done_batches += 1
     elapsed = time.time() - start
-    logging.info("bits/dim %s: batch %d/%d, %.2f images/s, this batch %.4f bits/dim, %s",
-                 split, k + 1, iterator.num_batches, done / max(elapsed, 1e-9),
-                 float(np.mean(out["total_bpd"][:count])),
+    logging.info("bits/dim %s: batch %d/%d done, %.2f images/s, %s", split, k + 1,
+                 iterator.num_batches, done_batches * global_batch / max(elapsed, 1e-9),
                  progress.time_left(done_batches, iterator.num_batches - k - 1, elapsed))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("bpd_chunks_written")
   summary = summarize(directory, iterator.num_batches, int(d.num_timesteps))
   summary.update({"checkpoint_step": eval_model.step, "params": eval_model.params_kind,
-                  "split": split, "seed": int(config.seed), **_bpd_settings(config)})
+                  "split": split, "seed": int(config.seed), **_bpd_settings(config),
+                  "likelihood": "VLB of the discrete data (discretized Gaussian decoder, "
+                                "256 levels), bits/dim"})
+  if chains is not None:
+    summary.update(bpd_chains.summarize(directory + "_chains", iterator.num_batches,
+                                        chains))
+    summary.update(chains["manifest"])
+    if "analytic" in chains["manifest"]["variances"]:
+      summary["analytic_total_bpd"] = summary[f"chain{int(d.num_timesteps)}_analytic_bpd"]
+  if use_ode:
+    summary.update(bpd_ode.summarize(directory + "_ode", iterator.num_batches))
+    summary.update(ode_settings)
   prefix = directory  # the tables and the plot sit next to the chunk directory
   if results.is_writer():
     write_rate_distortion(prefix, summary)
