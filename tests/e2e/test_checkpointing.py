@@ -1,6 +1,11 @@
-"""Checkpointer: exact round trip, cadences, unreadable fallback, architecture refusal."""
+"""Checkpointer: exact round trip, cadences, unreadable fallback, digests, failed writes,
+architecture refusal."""
 
+import errno
+import hashlib
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.training import checkpointing
+from diffusion_jax.training import digests
 from diffusion_jax.training import params_checkpoint
 from diffusion_jax import config_base
 from diffusion_jax.training import optimizer
@@ -193,3 +199,75 @@ def test_params_checkpoint_for_import_and_evaluation(tmp_path, _cache):
   # After two updates the EMA is decay^2 * ema + (mixture of the new params).
   assert abs(float(np.mean(leaf(state.ema_params) - decay ** 2 * leaf(ema)))) < 0.05
   assert (workdir / "checkpoints" / "125").exists()
+
+
+def _saved_digests(path):
+  with open(os.path.join(path, "digests", "metadata")) as f:
+    return json.load(f)
+
+
+def test_digests_of_what_the_disk_returns_are_checked(tmp_path, caplog):
+  """Arrays that differ from what was saved fall back like an unreadable checkpoint;
+  a checkpoint without digests (older versions) restores with a note."""
+  config = _config()
+  mesh = sharding.make_mesh()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), config, max_to_keep=3,
+                                    async_save=False)
+  s1, s2, s3 = (_state(i, config) for i in (1, 2, 3))
+  for step, state in ((1, s1), (2, s2), (3, s3)):
+    ckpt.save(step, sharding.replicate(state, mesh))
+  saved = _saved_digests(tmp_path / "checkpoints" / "1")
+  assert saved["algorithm"] == digests.ALGORITHM
+  host = jax.device_get(s1)
+  # Independent of the module: BLAKE2b-128 of dtype, shape and the bytes.
+  kernel = np.asarray(host.params["dense"]["kernel"])
+  want = hashlib.blake2b(f"{kernel.dtype.str}{kernel.shape}".encode() + kernel.tobytes(),
+                         digest_size=16).hexdigest()
+  assert saved["arrays"][".params['dense']['kernel']"] == want
+  assert len(saved["arrays"]) == len(jax.tree_util.tree_leaves(host))
+  # Step 3's saved bytes "differ" from its digests: here its digest of the EMA bias is
+  # made to disagree, as damaged bytes would.
+  path = tmp_path / "checkpoints" / "3" / "digests" / "metadata"
+  tampered = _saved_digests(tmp_path / "checkpoints" / "3")
+  tampered["arrays"][".ema_params['dense']['bias']"] = "0" * 32
+  path.write_text(json.dumps(tampered))
+  # Step 2 was written by an older version: no digests at all.
+  shutil.rmtree(tmp_path / "checkpoints" / "2" / "digests")
+  with caplog.at_level("WARNING"):
+    restored, step = ckpt.restore(_abstract(s1, mesh))
+  assert step == 2
+  _assert_equal_trees(restored, s2)
+  text = caplog.text
+  assert ("checkpoints/3" in text and "first mismatching array: .ema_params['dense']"
+          "['bias']" in text), text
+  assert "no array digests" in text and "checkpoints/2" in text
+  moved = os.listdir(tmp_path / "unreadable_checkpoints")
+  assert [m.rsplit("_", 1)[0] for m in moved] == ["checkpoints_3"]  # Only the bad one.
+  ckpt.close()
+
+
+def test_a_failed_write_is_raised_once_with_path_errno_and_what_is_kept(tmp_path):
+  config = _config()
+  mesh = sharding.make_mesh()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), config, max_to_keep=3)
+  ckpt.save(1, sharding.replicate(_state(1, config), mesh), snapshot=True)
+  ckpt.wait()
+  full = os.path.join(str(tmp_path), "snapshots", "2.orbax-checkpoint-tmp", "state", "d")
+
+  def no_space(*args, **kwargs):
+    raise ValueError("writing failed") from OSError(errno.ENOSPC, "No space left on device",
+                                                    full)
+
+  ckpt._managers[checkpointing.SNAPSHOT_DIR].save = no_space  # pylint: disable=protected-access
+  ckpt.save(2, sharding.replicate(_state(2, config), mesh), snapshot=True)
+  with pytest.raises(checkpointing.CheckpointWriteError) as raised:
+    ckpt.wait()
+  message = str(raised.value)
+  assert raised.value.errno == errno.ENOSPC and raised.value.filename == full
+  assert message.startswith("Saving the checkpoint of step 2 failed: writing " + full)
+  assert "ENOSPC" in message and "No space left on device" in message
+  # The preemption copy of step 2 committed; step 1 is kept in both directories.
+  assert "kept: checkpoints/2, step" in message and "rerun the same command" in message
+  assert not ckpt.failed()
+  ckpt.check()  # Raised once only.
+  ckpt.close()

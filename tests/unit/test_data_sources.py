@@ -5,6 +5,7 @@ PIL for decoding and for the Lanczos resize of the official LSUN preparation, a 
 NumPy bilinear interpolation, and tfds' own tf.data reading of mock data.
 """
 
+import io
 import os
 
 import numpy as np
@@ -203,6 +204,45 @@ def test_folder_recursive_sorted_channels_and_resize(tmp_path):
   with pytest.raises(FileNotFoundError, match="is not a directory.*data.path"):
     sources.load_source(data_config(dataset="folder", path=str(tmp_path / "nope")),
                              "train")
+
+
+def test_undecodable_files_are_named_or_skipped_with_a_count(tmp_path, caplog):
+  """A corrupt PNG and a truncated JPEG: the error names each (path, size, decoder's
+  words); with data.skip_bad_images they are left out with a warning that counts them."""
+  rng = np.random.default_rng(2)
+  good = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(3)]
+  for i, image in enumerate(good):
+    PIL.Image.fromarray(image).save(tmp_path / f"good_{i}.png")
+  png = (tmp_path / "good_0.png").read_bytes()
+  (tmp_path / "bad.png").write_bytes(png[:30] + b"\0" * 40 + png[70:])
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(good[1]).save(buffer, format="JPEG")
+  (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+  config = data_config(dataset="folder", path=str(tmp_path), image_size=12, channels=3)
+  with pytest.raises(ValueError) as raised:
+    sources.load_source(config, "train")
+  message = str(raised.value)
+  assert message.startswith(f"2 of 5 image files under {tmp_path} cannot be decoded")
+  for name in ("bad.png", "cut.jpg"):
+    size = os.path.getsize(tmp_path / name)
+    assert f"{tmp_path / name} ({size} bytes): " in message, message
+  assert "Invalid PNG" in message and "JPEG" in message and "skip_bad_images" in message
+  config.skip_bad_images = True
+  with caplog.at_level("WARNING"):
+    images = sources.load_source(config, "train").images
+  assert "Skipping 2 of 5 image files" in caplog.text and "cut.jpg" in caplog.text
+  np.testing.assert_array_equal(images, np.stack(good))  # The good ones, in order.
+
+
+def test_a_corrupt_npz_file_is_named(tmp_path):
+  path = tmp_path / "images.npz"
+  np.savez(path, x=np.zeros((4, 8, 8), np.uint8))
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])  # Truncated.
+  with pytest.raises(ValueError, match=rf"{path} \({len(data) // 2} bytes\) cannot be read "
+                     r"as an .npz archive: \w+"):
+    sources.load_source(data_config(dataset="npz", path=str(path), image_size=8,
+                                    channels=1), "train")
 
 
 # --- tensorflow-datasets ----------------------------------------------------------
