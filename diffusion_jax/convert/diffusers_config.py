@@ -34,11 +34,10 @@ _REQUIRED = {
     "mid_block_scale_factor": (1, (1,), "unscaled residuals"),
     "resnet_time_scale_shift": ("default", ("default",), "additive time embedding"),
     "add_attention": (True, (True,), "attention in the middle block"),
-    "class_embed_type": (None, (None,), "unconditional model"),
-    "num_class_embeds": (None, (None,), "unconditional model"),
+    "class_embed_type": (None, (None,), "a learned class embedding (or none)"),
 }
 _ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resamp_with_conv",
-                "in_channels", "out_channels", "num_groups", "image_size")
+                "in_channels", "out_channels", "num_groups", "image_size", "num_classes")
 
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any], *, dropout: float | None = None,
@@ -115,6 +114,10 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], *, dropout: float | None 
     if attn_channels != {int(head_dim)}:
       problems.append(f"attention_head_dim={head_dim} (need null: single-head attention "
                       f"over {sorted(attn_channels)} channels)")
+  class_embeds = get("num_class_embeds", None)
+  if class_embeds is not None and int(class_embeds) < 2:
+    problems.append(f"num_class_embeds={class_embeds} (need null, or N + 1 >= 2: N "
+                    "classes and the null class, last)")
   if problems:
     raise ValueError("The diffusers config is not the official DDPM U-Net:\n  - "
                      + "\n  - ".join(problems))
@@ -130,6 +133,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], *, dropout: float | None 
       num_groups=groups,
       image_size=int(size),
       dtype=dtype,
+      num_classes=int(class_embeds) - 1 if class_embeds is not None else 0,
   )
 
 
@@ -162,6 +166,7 @@ def diffusers_config_from(unet_config: UNetConfig) -> dict[str, Any]:
       "layers_per_block": c.num_res_blocks,
       "norm_eps": 1e-6,
       "norm_num_groups": c.num_groups,
+      "num_class_embeds": c.num_classes + 1 if c.num_classes else None,
       "num_train_timesteps": None,
       "out_channels": c.out_channels,
       "sample_size": c.image_size,

@@ -11,6 +11,7 @@ Name mapping (ours -> diffusers; L = number of levels):
   mid/{block_1,attn_1,block_2} -> mid_block.{resnets.0,attentions.0,resnets.1}
   up_i/... -> up_blocks.(L-1-i)....;  up_i/upsample/conv -> up_blocks.(L-1-i).upsamplers.0.conv
   norm_out -> conv_norm_out;  conv_out -> conv_out
+  class_embed (class-conditional networks) -> class_embedding.weight ([N + 1, 4 ch] both)
 Leaves: kernel/scale -> weight, bias -> bias. Conv kernels HWIO <-> OIHW, dense kernels
 [in, out] <-> Linear [out, in], the 1x1 nin_shortcut [in, out] <-> Conv2d [out, in, 1, 1].
 
@@ -110,6 +111,9 @@ def diffusers_names(unet_config: UNetConfig) -> dict[tuple[str, ...], tuple[str,
   table = {}
   for path in build.param_paths(unet_config):
     leaf = shapes[path]
+    if path == ("class_embed",):  # nn.Embedding's [rows, dim] is ours as it is
+      table[path] = ("class_embedding.weight", "vector", tuple(leaf.shape))
+      continue
     kind = _leaf_kind(path, len(leaf.shape))
     leaf_name = "bias" if path[-1] == "bias" else "weight"
     name = f"{_module_name(path[:-1], unet_config.num_resolutions)}.{leaf_name}"

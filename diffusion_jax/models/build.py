@@ -46,14 +46,17 @@ def unet_config_from(config: ml_collections.ConfigDict) -> UNetConfig:
       image_size=int(config.data.image_size),
       dtype=str(m.dtype),
       remat=bool(m.get("remat", False)),
+      num_classes=int(m.get("num_classes", 0)),
   )
 
 
-def _dummy_inputs(unet_config: UNetConfig) -> tuple[jax.Array, jax.Array]:
+def _dummy_inputs(unet_config: UNetConfig):
+  """(x [1, S, S, C], t [1], y [1] or None) for tracing the network."""
   size = unet_config.image_size
   x = jnp.zeros((1, size, size, unet_config.in_channels), jnp.float32)  # [1, H, W, C]
   t = jnp.zeros((1,), jnp.int32)  # [1]
-  return x, t
+  y = jnp.zeros((1,), jnp.int32) if unet_config.num_classes else None  # [1]
+  return x, t, y
 
 
 def init_params(unet_config: UNetConfig, rng: jax.Array) -> Params:
@@ -76,9 +79,9 @@ def init_params(unet_config: UNetConfig, rng: jax.Array) -> Params:
 @functools.lru_cache(maxsize=16)
 def _init_fn(unet_config: UNetConfig):
   model = UNet(unet_config)
-  x, t = _dummy_inputs(unet_config)
+  x, t, y = _dummy_inputs(unet_config)
   # The forward pass is dead code here (only parameters are returned).
-  return jax.jit(lambda rng: model.init({"params": rng}, x, t, train=False)["params"])
+  return jax.jit(lambda rng: model.init({"params": rng}, x, t, train=False, y=y)["params"])
 
 
 def param_shapes(unet_config: UNetConfig) -> Params:
@@ -94,9 +97,9 @@ def _weights_only(unet_config: UNetConfig) -> UNetConfig:
 @functools.lru_cache(maxsize=32)
 def _param_shapes(unet_config: UNetConfig) -> Params:
   model = UNet(unet_config)
-  x, t = _dummy_inputs(unet_config)
+  x, t, y = _dummy_inputs(unet_config)
   return jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, x, t, train=False)["params"])
+      lambda: model.init({"params": jax.random.key(0)}, x, t, train=False, y=y)["params"])
 
 
 _LAYER_ORDER = ("dense0", "dense1", "norm1", "conv1", "temb_proj", "norm2", "conv2",
@@ -107,6 +110,8 @@ _LEAF_ORDER = ("kernel", "scale", "bias")
 def _forward_order(path: tuple[str, ...], num_levels: int) -> tuple:
   """Sort key putting parameter paths in the order the forward pass uses them."""
   head = path[0]
+  if head == "class_embed":  # a parameter of the UNet itself: after the time embedding
+    return (0, 1), (), 0
   if head.startswith("down_"):
     top = (2, int(head[len("down_"):]))
   elif head.startswith("up_"):

@@ -51,6 +51,10 @@ class UNetConfig:
       rest is recomputed. Same parameters and values; less activation memory for about
       one more forward of compute per step. For the 256x256 networks on small devices
       (GPU, TPU: XLA:CPU merges the recomputation back into the forward pass).
+    num_classes: 0 for the unconditional network (the paper's); N > 0 adds a learned
+      class embedding of N + 1 rows (classes 0..N-1 and the null class N, used for
+      classifier-free guidance) to the time embedding, as the improved-DDPM / ADM
+      networks and diffusers' `UNet2DModel(num_class_embeds=N + 1)` do.
   """
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -64,6 +68,7 @@ class UNetConfig:
   image_size: int = 32
   dtype: str = "float32"
   remat: bool = False
+  num_classes: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -99,6 +104,8 @@ def _validate(c: UNetConfig) -> None:
                 "image_size"):
     if int(getattr(c, field)) < 1:
       fail(f"{field}={getattr(c, field)} must be >= 1.")
+  if c.num_classes < 0:
+    fail(f"num_classes={c.num_classes} must be >= 0 (0: unconditional).")
   if c.ch < 4:
     fail(f"ch={c.ch} must be >= 4 (the time embedding has ch sinusoids).")
   if not c.ch_mult or min(c.ch_mult) < 1:
@@ -231,7 +238,10 @@ class UNet(nn.Module):
   ops: ops_lib.Ops = ops_lib.XLA
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False,
+               y: jax.Array | None = None) -> jax.Array:
+    """x [B, H, W, C], t [B] timesteps, y [B] int class labels in [0, num_classes] (the
+    last is the null class; only for class-conditional networks) -> [B, H, W, out]."""
     c, dtype = self.config, self.config.compute_dtype
     expected = (c.image_size, c.image_size, c.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -240,8 +250,19 @@ class UNet(nn.Module):
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
       raise ValueError(f"UNet timesteps t have shape {tuple(t.shape)}; expected "
                        f"[{x.shape[0]}] (one per example).")
+    if c.num_classes and (y is None or y.shape != t.shape):
+      raise ValueError(f"This class-conditional UNet (num_classes={c.num_classes}) needs "
+                       f"labels y of shape {tuple(t.shape)}; got "
+                       f"{None if y is None else tuple(y.shape)}.")
+    if not c.num_classes and y is not None:
+      raise ValueError("This UNet is unconditional (num_classes=0) but got labels y; set "
+                       "model.num_classes to train a class-conditional network.")
     ops = self.ops
     temb = _TimestepEmbed(c, ops, name="temb")(t)  # [B, 4 ch]
+    if c.num_classes:
+      table = self.param("class_embed", nn.initializers.normal(stddev=1.0),
+                         (c.num_classes + 1, 4 * c.ch), jnp.float32)  # [N + 1, 4 ch]
+      temb = temb + jnp.take(table, y.astype(jnp.int32), axis=0).astype(temb.dtype)
     hs = [layers.Conv3x3(c.ch, dtype=dtype, ops=ops, name="conv_in")(x.astype(dtype))]
     for i in range(c.num_resolutions):
       hs += _DownLevel(c, i, ops, name=f"down_{i}")(hs[-1], temb, train)

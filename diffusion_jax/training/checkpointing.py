@@ -72,6 +72,7 @@ def architecture_of(config: ml_collections.ConfigDict | dict) -> dict:
   config = config_to_dict(config)
   model = {k: v for k, v in config.get("model", {}).items()
            if k not in _NON_ARCHITECTURE_MODEL_FIELDS}
+  model.setdefault("num_classes", 0)  # Configs from before class conditioning.
   data = config.get("data", {})
   var_type = config.get("diffusion", {}).get("model_var_type")
   arch = {f"model.{k}": v for k, v in sorted(model.items())}

@@ -8,8 +8,10 @@ average pooling) and `Upsample2D(use_conv=False)` (nearest x2) layers.
 """
 
 import dataclasses
+import json
 
 import diffusers
+import jax
 import numpy as np
 import torch
 from unet_fixtures import apply_eval
@@ -80,3 +82,51 @@ def test_exported_model_loads_in_diffusers_and_computes_the_same(tmp_path):
                  torch.from_numpy(t).long()).sample.numpy().transpose(0, 2, 3, 1)
   got = np.asarray(apply_eval(SMALL, params, x, t))
   assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+
+# --- class conditioning ---------------------------------------------------------------
+
+COND = dataclasses.replace(SMALL, num_classes=5)
+COND_DIFFUSERS = dict(SMALL_DIFFUSERS, num_class_embeds=6)  # 5 classes + the null class
+
+
+def test_class_conditional_model_matches_diffusers_num_class_embeds():
+  model = torch_unet(COND_DIFFUSERS, seed=4)
+  state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+  assert state_dict["class_embedding.weight"].shape == (6, 128)
+  params = diffusers_weights.params_from_state_dict(state_dict, COND)
+  np.testing.assert_array_equal(params["class_embed"], state_dict["class_embedding.weight"])
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((3, 16, 16, 3)).astype(np.float32)
+  t = np.array([3, 400, 999], np.int32)
+  y = np.array([0, 4, 5], np.int32)  # Two classes and the null class.
+  with torch.no_grad():
+    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(),
+                 class_labels=torch.from_numpy(y).long()).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(jax.jit(lambda p, x, t, y: models.UNet(COND).apply(
+      {"params": p}, x, t, train=False, y=y))(params, x, t, y))
+  assert np.linalg.norm(want) > 0.1 * np.sqrt(want.size)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+  # The labels matter: another label changes the output.
+  other = np.asarray(jax.jit(lambda p, x, t, y: models.UNet(COND).apply(
+      {"params": p}, x, t, train=False, y=y))(params, x, t, (y + 1) % 6))
+  assert np.linalg.norm(other - want) > 1e-3 * np.linalg.norm(want)
+
+
+def test_class_conditional_export_and_reimport_is_the_identity(tmp_path):
+  params = random_params(COND, seed=5)
+  diffusers_weights.export_diffusers(params, COND, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["num_class_embeds"] == 6
+  back, found = diffusers_weights.load_diffusers(str(tmp_path))
+  assert found == dataclasses.replace(COND, dropout=found.dropout)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree_util.tree_leaves(back)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_unconditional_parameter_counts_are_unchanged():
+  assert models.count_params(models.unet_config_from(load_config("cifar10.py"))) == 35_746_307
+  assert models.count_params(
+      models.unet_config_from(load_config("celebahq256.py"))) == 113_673_219
+  assert "class_embed" not in models.param_shapes(SMALL)
