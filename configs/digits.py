@@ -9,6 +9,9 @@ other jobs on the machine). Writes a sample grid
 (linear betas 1e-4..0.02, eps-prediction, L_simple, ancestral sampling) with fewer steps
 (T = 100), and a faster optimizer schedule (lr 1e-3, EMA 0.995) for the short run.
 `benchmarks/digits_quality.py` scores the samples with a classifier of real digits.
+
+Variants: `smoke` (tests), `cond` (class-conditional on the ten digits, label dropout 0.1
+for classifier-free guidance).
 """
 
 from diffusion_jax import config_base
@@ -41,6 +44,10 @@ def get_config(variant: str = ""):
   config.sampling.num_steps = 100
   config.sampling.batch_size = 64
   config.eval.bpd_split = "train"
+  if variant == "cond":
+    config.model.num_classes = 10
+    config.training.label_dropout = 0.1
+    return config
   config = config_base.finalize(config, variant)
   if variant == "smoke":
     # The training-system tests run this variant, so it is the smallest U-Net that still

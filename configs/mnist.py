@@ -9,6 +9,8 @@ Variants (`configs/mnist.py:VARIANT`):
          demonstration stopped it at step 2,818). It reads the official MNIST files from
          an .npz (--config.data.path=mnist.npz with x_train/x_test; the default path is
          the shared data folder beside the checkout, run from the repository root).
+  cond   the cpu variant, class-conditional (the ten digits, labels from the .npz's
+         y_train) with label dropout 0.1 for classifier-free guidance.
 """
 
 from diffusion_jax import config_base
@@ -29,7 +31,7 @@ def get_config(variant: str = ""):
   config.training.sample_every_steps = 5_000
   config.training.snapshot_every_steps = 10_000
   config.optim.warmup_steps = 1_000
-  if variant == "cpu":
+  if variant in ("cpu", "cond"):
     config.data.dataset = "npz"
     config.data.path = "../shared/data/mnist.npz"
     config.model.ch = 32
@@ -46,5 +48,8 @@ def get_config(variant: str = ""):
     config.optim.ema_decay = 0.999
     config.sampling.batch_size = 250
     config.eval.bpd_batch_size = 50
+    if variant == "cond":
+      config.model.num_classes = 10
+      config.training.label_dropout = 0.1
     return config
   return config_base.finalize(config, variant)

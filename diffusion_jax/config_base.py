@@ -30,6 +30,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.random_flip = True
   data.path = ""  # For npz (file) and folder (directory) sources.
   data.npz_key = ""  # Array name inside an .npz file; "" picks x_train, x or the only one.
+  # Labels (class-conditional runs) inside an .npz file; "" picks y_train or y.
+  data.npz_label_key = ""
   data.tfds_data_dir = ""  # "" means the tensorflow-datasets default.
   data.train_split = "train"
   data.eval_split = "test"
@@ -58,6 +60,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # TPU and GPU), "native" (the CPU backend's compiled kernels), or "auto" (native on a
   # CPU where they build, else xla). Changes neither the parameters nor the checkpoints.
   model.kernels = "auto"
+  # Class conditioning: 0 = unconditional (the paper's network); N > 0 adds a class
+  # embedding of N + 1 rows (the last: the null class of classifier-free guidance).
+  model.num_classes = 0
 
   # --- CPU backend (used when model.kernels resolves to native) -------------------
   cpu = config.cpu = ml_collections.ConfigDict()
@@ -92,6 +97,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 20_000  # Sample grids from the EMA parameters.
   training.num_sample_images = 64
   training.max_to_keep_preemption = 2
+  # Class-conditional networks: the probability of training on the null class instead of
+  # the example's label (classifier-free guidance; Ho and Salimans use 0.1 to 0.2).
+  training.label_dropout = 0.0
 
   # --- Optimizer ------------------------------------------------------------------
   optim = config.optim = ml_collections.ConfigDict()

@@ -68,7 +68,8 @@ def to_model_input(images, flips=None) -> jax.Array:
 
 
 def train_dataset(source: sources.Source, data_config, *, rows: np.ndarray,
-                  global_batch_size: int, seed: int, start_step: int = 0) -> tf.data.Dataset:
+                  global_batch_size: int, seed: int, start_step: int = 0,
+                  labels: bool = False) -> tf.data.Dataset:
   """The rows `rows` of every training batch from `start_step` on, as tf.data.
 
   Args:
@@ -79,14 +80,15 @@ def train_dataset(source: sources.Source, data_config, *, rows: np.ndarray,
     global_batch_size: examples per step over all processes.
     seed: the data seed; the order is a function of (seed, step) only.
     start_step: the step of the first element (a resumed run passes its step).
+    labels: add the examples' class labels (the source must hold them).
 
   Returns:
-    An infinite dataset of (images uint8 [b, S, S, C], flips bool [b]); element k is the
-    rows of the batch of step start_step + k. `to_model_input(images, flips)` makes the
-    model input.
+    An infinite dataset of (images uint8 [b, S, S, C], flips bool [b][, labels int32
+    [b]]); element k is the rows of the batch of step start_step + k.
+    `to_model_input(images, flips)` makes the model input.
   """
   return _train_dataset(source, data_config, np.asarray(rows, np.int64), global_batch_size,
-                        seed, start_step)
+                        seed, start_step, labels)
 
 
 def create_train_iterator(
@@ -97,7 +99,8 @@ def create_train_iterator(
     start_step: int = 0,
     sharding: Mesh | NamedSharding,
     source: sources.Source | None = None,
-) -> Iterator[jax.Array]:
+    labels: bool = False,
+) -> Iterator[jax.Array] | Iterator[tuple[jax.Array, jax.Array]]:
   """Global training batches as jax.Arrays sharded over the batch axis.
 
   All checks (dataset, paths, sizes, channels, divisibility) run here, before the
@@ -112,9 +115,11 @@ def create_train_iterator(
       data axis (`sharding_lib.batch_sharding`).
     source: the train split already opened by `sources.load_source` (which checks
       it); None opens it here.
+    labels: also yield each example's class label (the source must hold labels).
 
   Returns:
-    An infinite iterator of float32 [global_batch_size, S, S, C] jax.Arrays in [-1, 1].
+    An infinite iterator of float32 [global_batch_size, S, S, C] jax.Arrays in [-1, 1]
+    (with `labels`: pairs of those and int32 [global_batch_size] labels).
   """
   sharding = sharding_lib.batch_sharding(sharding)
   sharding_lib.check_batch_divisible(global_batch_size, sharding, "training.batch_size")
@@ -123,14 +128,18 @@ def create_train_iterator(
   shape = (global_batch_size, data_config.image_size, data_config.image_size,
            data_config.channels)
   rows = sharding_lib.addressable_rows(sharding, shape)
-  ds = _train_dataset(source, data_config, rows, global_batch_size, seed, start_step)
+  ds = _train_dataset(source, data_config, rows, global_batch_size, seed, start_step,
+                      labels)
   flip_sharding = sharding_lib.rows_sharding(sharding)
   convert = jax.jit(to_model_input, out_shardings=sharding)
 
   def place(batch):
-    images, flips = batch
-    return convert(jax.make_array_from_process_local_data(sharding, images, shape),
-                   jax.make_array_from_process_local_data(flip_sharding, flips, shape[:1]))
+    images = convert(jax.make_array_from_process_local_data(sharding, batch[0], shape),
+                     jax.make_array_from_process_local_data(flip_sharding, batch[1],
+                                                            shape[:1]))
+    if not labels:
+      return images
+    return images, jax.make_array_from_process_local_data(flip_sharding, batch[2], shape[:1])
   return _global_arrays(_numpy_batches(ds), place)
 
 
@@ -227,7 +236,8 @@ def create_eval_iterator(
 # The graph.
 
 
-def _train_dataset(source, data_config, rows, global_batch_size, seed, start_step):
+def _train_dataset(source, data_config, rows, global_batch_size, seed, start_step,
+                   labels=False):
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   flip = bool(data_config.random_flip)
@@ -246,7 +256,7 @@ def _train_dataset(source, data_config, rows, global_batch_size, seed, start_ste
             tf.ensure_shape(flips, [_STEPS_PER_CHUNK, b]))
 
   ds = tf.data.Dataset.counter(dtype=tf.int64).map(numpy_plan).unbatch()
-  return _finish(_gather(source, ds, b))
+  return _finish(_gather(source, ds, b, labels))
 
 
 def _eval_dataset(source, rows, global_batch_size, num_images):
@@ -262,10 +272,16 @@ def _eval_dataset(source, rows, global_batch_size, num_images):
   return _finish(_gather(source, ds, len(rows))), count
 
 
-def _gather(source, ds, size):
-  """(indices int64 [b], x [b]) -> (images uint8 [b, S, S, C], x [b])."""
+def _gather(source, ds, size, labels=False):
+  """(indices int64 [b], x [b]) -> (images uint8 [b, S, S, C], x [b][, labels [b]])."""
+  if labels and getattr(source, "labels", None) is None:
+    raise ValueError(f"{source.name} holds no class labels (load it with num_classes > 0).")
   if isinstance(source, sources.ArraySource):
     images = tf.constant(source.images)
+    if labels:
+      label_table = tf.constant(source.labels)
+      return ds.map(lambda idx, x: (tf.gather(images, idx), x, tf.gather(label_table, idx)),
+                    num_parallel_calls=AUTOTUNE)
     return ds.map(lambda idx, x: (tf.gather(images, idx), x), num_parallel_calls=AUTOTUNE)
 
   def read(idx, x):

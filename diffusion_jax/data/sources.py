@@ -55,9 +55,11 @@ class ArraySource:
   Attributes:
     name: a description for messages.
     images: uint8 [N, S, S, C].
+    labels: int32 [N] class labels, or None (loaded only for class-conditional runs).
   """
   name: str
   images: np.ndarray
+  labels: np.ndarray | None = None
 
   @property
   def num_examples(self) -> int:
@@ -102,13 +104,16 @@ class RecordSource:
 Source = ArraySource | RecordSource
 
 
-def load_source(data_config, split: str) -> Source:
+def load_source(data_config, split: str, num_classes: int = 0) -> Source:
   """Opens the split `split` of the dataset that `data_config` names.
 
   Args:
     data_config: the `data` section of the config (dataset, image_size, channels, path,
-      npz_key, tfds_data_dir, optionally resize).
+      npz_key, npz_label_key, tfds_data_dir, optionally resize).
     split: the split to read, e.g. data_config.train_split.
+    num_classes: > 0 for a class-conditional run: the labels are loaded too (digits, the
+      tfds label of cifar10 and mnist, an .npz labels array) and must lie in
+      [0, num_classes).
 
   Returns:
     An `ArraySource` or a `RecordSource` with images of size data_config.image_size and
@@ -116,9 +121,31 @@ def load_source(data_config, split: str) -> Source:
 
   Raises:
     ValueError: unknown dataset or split, images whose size or channels do not match the
-      config, a bad npz file.
+      config, a bad npz file, labels missing or out of range for a class-conditional run.
     FileNotFoundError: a missing npz file or folder, or a tfds dataset that is not prepared.
   """
+  source = _load_source(data_config, split, num_classes > 0)
+  if num_classes > 0:
+    _check_labels(source, num_classes)
+  return source
+
+
+def _check_labels(source: Source, num_classes: int) -> None:
+  labels = getattr(source, "labels", None)
+  if labels is None:
+    raise ValueError(f"{source.name} has no class labels, but model.num_classes="
+                     f"{num_classes}: use cifar10, mnist, digits or an .npz with a labels "
+                     "array (y_train / y, or data.npz_label_key), or set model.num_classes=0.")
+  if labels.shape != (source.num_examples,):
+    raise ValueError(f"{source.name}: {labels.shape} labels for {source.num_examples} images.")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{source.name} has labels in [{labels.min()}, {labels.max()}] but "
+                     f"model.num_classes={num_classes}: labels must lie in "
+                     f"[0, {num_classes}); set --config.model.num_classes="
+                     f"{int(labels.max()) + 1}.")
+
+
+def _load_source(data_config, split: str, labels: bool) -> Source:
   name = data_config.dataset
   size, channels = int(data_config.image_size), int(data_config.channels)
   resize = bool(data_config.get("resize", False))
@@ -128,11 +155,15 @@ def load_source(data_config, split: str) -> Source:
   if name == "digits":
     base, part = parse_split(split, ("train",), "digits")
     images = part(digits_images())
-    return ArraySource("digits", _fit_array(images, size, channels, "digits", True))
+    return ArraySource("digits", _fit_array(images, size, channels, "digits", True),
+                       part(digits_labels()) if labels else None)
   if name == "npz":
     images = npz_images(data_config.path, data_config.npz_key, split)
-    return ArraySource(f"npz {data_config.path}",
-                       _fit_array(images, size, channels, f"npz {data_config.path}", resize))
+    return ArraySource(
+        f"npz {data_config.path}",
+        _fit_array(images, size, channels, f"npz {data_config.path}", resize),
+        npz_labels(data_config.path, data_config.get("npz_label_key", ""), split)
+        if labels else None)
   if name == "folder":
     base, part = parse_split(split, ("train",), "folder")
     images = part(folder_images(data_config.path, size, channels,
@@ -144,8 +175,9 @@ def load_source(data_config, split: str) -> Source:
     _check_channels(name, native_channels, channels)
     if native != size and not resize:
       _raise_size(name, native, size)
-    images = tfds_images(name, split, data_dir)
-    return ArraySource(f"{name}:{split}", _fit_array(images, size, channels, name, resize))
+    images, label_array = tfds_images(name, split, data_dir, labels)
+    return ArraySource(f"{name}:{split}", _fit_array(images, size, channels, name, resize),
+                       label_array)
   if name == "celeb_a_hq" or name.startswith("celeb_a_hq/"):
     res = int(name.split("/")[1]) if "/" in name else size
     if res not in CELEBA_HQ_RESOLUTIONS:
@@ -188,6 +220,30 @@ def parse_split(split: str, names: Sequence[str] | None, source: str):
       raise ValueError(f"Split {split!r} of {source} is empty ({n} examples in all).")
     return out
   return match.group(1), part
+
+
+def digits_labels() -> np.ndarray:
+  """The digit (0..9) of each of scikit-learn's 1797 digits, int32 [1797]."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  return datasets.load_digits().target.astype(np.int32)
+
+
+def npz_labels(path: str, key: str, split: str) -> np.ndarray:
+  """The int32 class labels [N] of `split` in an .npz file: `key` (data.npz_label_key) if
+  given, else `y_train` then `y` for split "train", `y_<split>` for any other split."""
+  base, part = parse_split(split, None, f"npz {path}")
+  with np.load(path, allow_pickle=False) as archive:
+    keys = list(archive.keys())
+    candidates = ([key] if key else ["y_train", "y"]) if base == "train" else [f"y_{base}"]
+    chosen = next((k for k in candidates if k in keys), None)
+    if chosen is None:
+      raise ValueError(f"{path} has no labels array {' or '.join(candidates)} (arrays: "
+                       f"{keys}); name it with --config.data.npz_label_key=NAME.")
+    labels = part(archive[chosen])
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"Labels {chosen!r} in {path} have dtype {labels.dtype} and shape "
+                     f"{labels.shape}; expected one integer label per image.")
+  return labels.astype(np.int32)
 
 
 def digits_images() -> np.ndarray:
@@ -318,8 +374,10 @@ def _undecodable(file: str) -> str:
   return f"{file} ({size} bytes): {reason}"
 
 
-def tfds_images(name: str, split: str, data_dir: str | None) -> np.ndarray:
-  """Loads a whole tfds split's images into memory, uint8 [N, H, W, C] (cifar10, mnist)."""
+def tfds_images(name: str, split: str, data_dir: str | None, labels: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Loads a whole tfds split into memory: (images uint8 [N, H, W, C], labels int32 [N] or
+  None) (cifar10, mnist)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     ds = tfds.load(name, split=split, data_dir=data_dir, download=True)
@@ -330,8 +388,12 @@ def tfds_images(name: str, split: str, data_dir: str | None) -> np.ndarray:
         "--data_dir=DIR` on a machine with internet, copy DIR and set "
         "--config.data.tfds_data_dir=DIR; or use an array source "
         "(--config.data.dataset=npz --config.data.path=FILE.npz).") from e
-  batches = tfds.as_numpy(ds.map(lambda ex: ex["image"]).batch(4096))
-  return np.concatenate(list(batches))
+  if not labels:
+    batches = tfds.as_numpy(ds.map(lambda ex: ex["image"]).batch(4096))
+    return np.concatenate(list(batches)), None
+  batches = list(tfds.as_numpy(ds.map(lambda ex: (ex["image"], ex["label"])).batch(4096)))
+  return (np.concatenate([b[0] for b in batches]),
+          np.concatenate([b[1] for b in batches]).astype(np.int32))
 
 
 def tfds_records(name: str, split: str, data_dir: str | None, image_size: int, channels: int,

@@ -169,7 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh()
   validation.validate_config(config, mesh)
   checkpointing.check_architecture(workdir, config)
-  source = sources.load_source(config.data, config.data.train_split)
+  num_classes = int(config.model.get("num_classes", 0))
+  source = sources.load_source(config.data, config.data.train_split, num_classes)
   ops = run_setup.build_ops(config, mesh)  # may compile the CPU kernels (seconds, once)
 
   ckpt = None
@@ -181,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("Resuming from the checkpoint at step %d in %s.", start_step, workdir)
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=int(t_cfg.batch_size), seed=int(config.seed),
-      start_step=start_step, sharding=mesh, source=source)
+      start_step=start_step, sharding=mesh, source=source, labels=num_classes > 0)
 
   # The settings and the data are good: from here on the workdir is written.
   if ckpt is None:
@@ -213,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       ema_decay=float(config.optim.ema_decay),
       base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
       learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
-      jit_options=ops.jit_options())
+      jit_options=ops.jit_options(), num_classes=num_classes,
+      label_dropout=float(config.training.get("label_dropout", 0.0)))
   sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, ops.jit_options())
   num_steps = int(t_cfg.num_train_steps)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
@@ -226,8 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     with _StopRequest() as stop:
       while step < num_steps:
-        images = next(train_iter)  # [B, H, W, C] in [-1, 1], sharded on 'data'
-        state, metrics = train_step(state, images)
+        batch = next(train_iter)  # [B, H, W, C] in [-1, 1] (and [B] labels), sharded
+        state, metrics = train_step(state, *(batch if num_classes else (batch,)))
         pending.append((step, metrics))
         step += 1
         report(step)

@@ -29,8 +29,8 @@ from diffusion_jax.diffusion import losses
 from diffusion_jax.training import train_state as train_state_lib
 
 PyTree = Any
-# loss_fn(params, x_start [B,H,W,C], t [B] int32, noise [B,H,W,C], dropout_key)
-#   -> {"loss": [B], other per-example terms: [B]}
+# loss_fn(params, x_start [B,H,W,C], t [B] int32, noise [B,H,W,C], dropout_key,
+#         labels [B] int32 or None) -> {"loss": [B], other per-example terms: [B]}
 LossFn = Callable[..., Mapping[str, jax.Array]]
 
 
@@ -47,9 +47,9 @@ def make_loss_fn(model, schedule, diffusion_config) -> LossFn:
   kwargs = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
                 loss_type=d.loss_type, hybrid_lambda=float(d.hybrid_lambda))
 
-  def loss_fn(params, x_start, t, noise, dropout_key):
+  def loss_fn(params, x_start, t, noise, dropout_key, labels=None):
     def model_fn(x_t, t_):
-      return model.apply({"params": params}, x_t, t_, train=True,
+      return model.apply({"params": params}, x_t, t_, train=True, y=labels,
                          rngs={"dropout": dropout_key})
     return losses.training_losses(model_fn, schedule, x_start, t, noise, **kwargs)
 
@@ -82,11 +82,27 @@ def sample_t_and_noise(keys: jax.Array, num_timesteps: int,
   return jax.vmap(one)(keys)
 
 
+def drop_labels(keys: jax.Array, labels: jax.Array, rate: float,
+                null_label: int) -> jax.Array:
+  """Classifier-free guidance's label dropout: each example's label becomes the null
+  class with probability `rate`, drawn from `fold_in(keys[b], 2)`. labels [B] -> [B]."""
+  if rate <= 0.0:
+    return labels
+  drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), rate))(keys)
+  return jnp.where(drop, jnp.int32(null_label), labels.astype(jnp.int32))
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     num_timesteps: int, ema_decay: float, base_key: jax.Array,
                     mesh: Mesh, learning_rate_fn: Callable[[PyTree], jax.Array] | None = None,
-                    donate: bool = True, jit_options: dict | None = None) -> Callable:
+                    donate: bool = True, jit_options: dict | None = None,
+                    num_classes: int = 0, label_dropout: float = 0.0) -> Callable:
   """Returns `train_step(state, images) -> (new_state, metrics)`, compiled over `mesh`.
+
+  For a class-conditional network (`num_classes` > 0) the step is
+  `train_step(state, images, labels)`, labels int32 [B] in [0, num_classes), each
+  replaced by the null class `num_classes` with probability `label_dropout`
+  (`drop_labels`).
 
   Args:
     loss_fn: per-example training loss (see `LossFn`); the `loss` entry is averaged.
@@ -101,6 +117,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     donate: donate the input state's buffers (the caller must not reuse it).
     jit_options: compiler options of the program (`Ops.jit_options()` of the operations
       the loss's model uses).
+    num_classes: classes of a class-conditional network (0: unconditional).
+    label_dropout: the probability of training on the null class instead.
 
   Returns:
     The jitted step. `images` is the global batch `[B, H, W, C]` in [-1, 1], sharded on
@@ -110,15 +128,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
   state_sharding = sharding_lib.replicated(mesh)
   data_sharding = sharding_lib.batch_sharding(mesh)
 
-  def step_fn(state: train_state_lib.TrainState, images: jax.Array):
+  def step_fn(state: train_state_lib.TrainState, images: jax.Array,
+              labels: jax.Array | None = None):
     batch_size = images.shape[0]
     step_key = jax.random.fold_in(base_key, state.step)
     keys = example_keys(step_key, batch_size)
     t, noise = sample_t_and_noise(keys, num_timesteps, images.shape[1:])
     dropout_key = jax.random.fold_in(step_key, 1)
+    if num_classes:
+      labels = drop_labels(keys, labels, float(label_dropout), num_classes)
 
     def mean_loss(params):
-      terms = loss_fn(params, images, t, noise, dropout_key)
+      terms = loss_fn(params, images, t, noise, dropout_key, labels)
       means = {k: jnp.mean(v) for k, v in terms.items()}
       return means["loss"], means
 
@@ -138,7 +159,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
 
   return jax.jit(
       step_fn,
-      in_shardings=(state_sharding, data_sharding),
+      in_shardings=((state_sharding, data_sharding, data_sharding) if num_classes
+                    else (state_sharding, data_sharding)),
       out_shardings=(state_sharding, state_sharding),
       donate_argnums=(0,) if donate else (),
       compiler_options=jit_options)
