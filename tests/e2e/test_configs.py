@@ -84,7 +84,7 @@ def test_bad_values_are_named_before_anything_runs():
            "--config.diffusion.loss_type=l1": "loss_type",
            "--config.diffusion.model_mean_type=score": "mean",
            "--config.diffusion.beta_schedule=cubic": "beta schedule",
-           "--config.sampling.sampler=euler": "sampling.sampler",
+           "--config.sampling.sampler=unipc": "sampling.sampler",
            "--config.training.checkpoint_every_steps=0": "checkpoint_every_steps",
            "--config.model.num_groups=7": "num_groups|group"}
   for override, message in cases.items():
