@@ -1,14 +1,22 @@
 r"""Imports released DDPM weights into a workdir that sampling and evaluation read directly.
 
+  python -m diffusion_jax.tools.import_checkpoint --src google/ddpm-cifar10-32 \
+      --workdir workdirs/cifar10_official
   python -m diffusion_jax.tools.import_checkpoint --config configs/cifar10.py \
       --src diffusion_cifar10_model/model.ckpt-790000 --workdir workdirs/cifar10_official
   python -m diffusion_jax.tools.import_checkpoint --config configs/lsun_church256.py \
       --src ddpm-ema-church-256/ --workdir workdirs/church_official
 
-Sources: an official TensorFlow checkpoint (prefix, or a directory: its latest checkpoint;
-`--ema` (default) takes the /ExponentialMovingAverage copies, `--raw` the raw weights),
-or a diffusers `UNet2DModel` (a directory with config.json and
-diffusion_pytorch_model.safetensors/.bin, possibly under unet/, or a weights file).
+Sources: a released model by name (`google/ddpm-cifar10-32`, `google/ddpm-church-256`,
+... see `convert.released_models`: downloaded through huggingface_hub into its cache,
+resumable; found there offline, `--offline` or HF_HUB_OFFLINE=1 never uses the network;
+`--hub_cache` picks another cache), an official TensorFlow checkpoint (prefix, or a
+directory: its latest checkpoint; `--ema` (default) takes the /ExponentialMovingAverage
+copies, `--raw` the raw weights), or a diffusers `UNet2DModel` (a directory with
+config.json and diffusion_pytorch_model.safetensors/.bin, possibly under unet/, or a
+weights file). Without `--config`, a diffusers model picks the experiment config whose
+network its own config.json describes (and its scheduler config sets the diffusion);
+the choice is printed, to pass as `--config` to the evaluation jobs.
 The weights must fit the config's architecture exactly; every problem is reported before
 anything is written, and a workdir that already holds checkpoints is never touched.
 The imported weights become both the parameters and the EMA parameters of the checkpoint.
@@ -16,7 +24,7 @@ The imported weights become both the parameters and the EMA parameters of the ch
 
 from __future__ import annotations
 
-import sys
+import os
 from typing import Any
 
 from absl import app
@@ -28,6 +36,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 from diffusion_jax.convert import diffusers_weights
+from diffusion_jax.convert import released_models
 from diffusion_jax.convert import tf_checkpoint
 from diffusion_jax.models import build
 from diffusion_jax.training import checkpointing
@@ -99,17 +108,47 @@ def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict,
                                                step=step)
 
 
+def resolve_source(src: str, config: ml_collections.ConfigDict | None, *,
+                   hub_cache: str | None = None, offline: bool | None = None
+                   ) -> tuple[str, ml_collections.ConfigDict, str]:
+  """(local source, config, where the config came from) of a `--src` and `--config`.
+
+  A hub name is fetched (cache first, see `released_models.fetch`); without a config, a
+  diffusers model's config.json picks one (`released_models.infer_config`).
+
+  Raises:
+    FileNotFoundError / ValueError: naming the fix, before anything is written.
+  """
+  name = ""
+  if released_models.is_hub_name(src):
+    name, src = src, released_models.fetch(src, hub_cache, offline)
+  if config is not None:
+    return src, config, "--config"
+  if not diffusers_weights.is_diffusers_source(src):
+    raise ValueError(f"{src} is not a diffusers model, so there is no config.json to read "
+                     "the experiment config from; pass --config (e.g. configs/cifar10.py).")
+  weights, _ = diffusers_weights.find_diffusers_files(src)
+  config, origin = released_models.infer_config(os.path.dirname(weights), name)
+  return src, config, origin
+
+
 def define_flags() -> None:
   """Defines the command's flags (only when run as a command: other tools define theirs)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (default for a "
+                                  "diffusers model: the one its config.json matches).",
                                   lock_config=True)
-  flags.DEFINE_string("src", None, "TF checkpoint (prefix or directory) or diffusers model "
-                      "(directory or weights file).")
+  flags.DEFINE_string("src", None, "Released model name (google/ddpm-cifar10-32, ...), TF "
+                      "checkpoint (prefix or directory) or diffusers model (directory or "
+                      "weights file).")
   flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint to.")
   flags.DEFINE_enum("format", "auto", FORMATS, "Source format.")
   flags.DEFINE_bool("ema", False, "TF: import the EMA weights (the default).")
   flags.DEFINE_bool("raw", False, "TF: import the raw (non-EMA) weights.")
-  flags.mark_flags_as_required(["config", "src", "workdir"])
+  flags.DEFINE_string("hub_cache", None, "Hugging Face hub cache (default: "
+                      "huggingface_hub's, HF_HUB_CACHE or ~/.cache/huggingface/hub).")
+  flags.DEFINE_bool("offline", None, "Never use the network for hub names (default: the "
+                    "HF_HUB_OFFLINE environment variable).")
+  flags.mark_flags_as_required(["src", "workdir"])
 
 
 def main(argv: list[str]) -> None:
@@ -118,9 +157,13 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if f.ema and f.raw:
     raise app.UsageError("Pass at most one of --ema and --raw.")
-  path = import_checkpoint(f.src, f.workdir, f.config, use_ema=not f.raw, fmt=f.format)
+  src, config, origin = resolve_source(f.src, f.config, hub_cache=f.hub_cache,
+                                       offline=f.offline)
+  path = import_checkpoint(src, f.workdir, config, use_ema=not f.raw, fmt=f.format)
   logging.info("Wrote %s", path)
   print(path)
+  if origin != "--config":
+    print(f"config: {origin} (pass --config {origin} to the evaluation jobs)")
 
 
 def run() -> None:
