@@ -7,10 +7,28 @@ Sample i is a function of (seed, i) only: its key is
 `fold_in(fold_in(key(seed), streams.SAMPLE), i)` and the samplers draw all of its noise
 from that key (see `diffusion.randomness`), whatever batch or device computes it, so a
 killed job resumes to the identical set and a training grid shows samples 0..N-1 of it.
+
+Samplers (`config.sampling.sampler`; `num_steps` is the grid's steps, see
+`diffusion.timesteps` for `spacing`, `final_step` and `denoise_to_zero`):
+  ancestral            Algorithm 2 over all T steps (num_steps unused).
+  respaced             ancestral over num_steps of the T steps with recomputed betas
+                       (Nichol & Dhariwal 2021; `diffusion.respacing`).
+  ddim                 DDIM with eta (`samplers.ddim_sample`).
+  dpmpp_2m, dpmpp_3m   DPM-Solver++ multistep (data prediction; `diffusion.dpm_solver`).
+  dpmpp_2s, dpmpp_3s   DPM-Solver++ singlestep.
+  dpm_2m, dpm_3m       DPM-Solver multistep (noise prediction).
+  dpm_2s, dpm_3s       DPM-Solver singlestep (Lu et al. 2022's DPM-Solver-2 and -3).
+  euler, heun          Karras et al. 2022's samplers of the probability-flow ODE, with
+                       optional churn (`diffusion.karras`).
+Network calls per sample: T (ancestral), the grid's steps (respaced, ddim, DPM-Solvers,
+euler), 2 x steps - 1 into a noise-free end (heun); `settings` records it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from typing import Any, Callable, Dict
 
 import jax
@@ -19,21 +37,134 @@ import numpy as np
 
 from diffusion_jax import sharding
 from diffusion_jax import streams
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion import dpm_solver
+from diffusion_jax.diffusion import karras
+from diffusion_jax.diffusion import respacing
 from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion import timesteps as timesteps_lib
 from diffusion_jax.diffusion.schedules import Schedule
 
 PyTree = Any
-SAMPLERS = ("ancestral", "ddim")
+DPM_SAMPLERS = {  # name: (order, algorithm, method)
+    f"{prefix}_{order}{m}": (order, algorithm, method)
+    for prefix, algorithm in (("dpmpp", "dpmsolver++"), ("dpm", "dpmsolver"))
+    for order in (2, 3) for m, method in (("m", "multistep"), ("s", "singlestep"))}
+SAMPLERS = ("ancestral", "respaced", "ddim", *sorted(DPM_SAMPLERS), "euler", "heun")
+DEFAULT_SPACING = {"respaced": "even", "ddim": "uniform", "euler": "karras",
+                   "heun": "karras", **{name: "logsnr" for name in DPM_SAMPLERS}}
+# Settings shown in a sample set's name only when they differ from these defaults.
+_EXTRA_DEFAULTS = {"final_step": "zero", "denoise_to_zero": False, "clip_denoised": True,
+                   "threshold_ratio": 0.0, "solver_type": "midpoint",
+                   "lower_order_final": True, "churn": 0.0, "karras_rho": 7.0}
 
 
-def check_sampler(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for a sampler setting that cannot run (names the fix)."""
+def _get(s: ml_collections.ConfigDict, name: str, default):
+  return s.get(name, default) if hasattr(s, "get") else getattr(s, name, default)
+
+
+def spacing(config: ml_collections.ConfigDict) -> str:
+  """The timestep spacing the sampler uses (`sampling.spacing`, or its default)."""
+  s = config.sampling
+  return str(_get(s, "spacing", "") or DEFAULT_SPACING.get(s.sampler, ""))
+
+
+def betas_of(config: ml_collections.ConfigDict) -> np.ndarray:
+  """[T] float64 betas of `config.diffusion`."""
+  d = config.diffusion
+  return schedules.get_beta_schedule(d.beta_schedule, int(d.num_timesteps),
+                                     float(d.beta_start), float(d.beta_end))
+
+
+def x0_transform(config: ml_collections.ConfigDict) -> denoiser.X0Transform:
+  """Clipping and dynamic thresholding of the predicted x_0 (`sampling`)."""
+  s = config.sampling
+  return denoiser.X0Transform(clip=bool(s.clip_denoised),
+                              threshold_ratio=float(_get(s, "threshold_ratio", 0.0)),
+                              threshold_max=float(_get(s, "threshold_max", 1.0)))
+
+
+def make_grid(config: ml_collections.ConfigDict) -> timesteps_lib.Grid:
+  """The sampler's timestep grid (not for ancestral)."""
+  s = config.sampling
+  return timesteps_lib.make_grid(
+      betas_of(config), int(s.num_steps), spacing(config),
+      final_step=str(_get(s, "final_step", "zero")),
+      denoise_to_zero=bool(_get(s, "denoise_to_zero", False)),
+      rho=float(_get(s, "karras_rho", timesteps_lib.KARRAS_RHO)))
+
+
+def check_sampler(config: ml_collections.ConfigDict) -> timesteps_lib.Grid | None:
+  """Raises ValueError for a sampler setting that cannot run (names the fix).
+
+  Returns:
+    The sampler's grid (None for ancestral).
+  """
   s, d = config.sampling, config.diffusion
   if s.sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampling.sampler {s.sampler!r}; choose one of {SAMPLERS}.")
-  if s.sampler == "ddim" and not 1 <= int(s.num_steps) <= int(d.num_timesteps):
+  denoiser.check_x0_transform(x0_transform(config))
+  if s.sampler == "ancestral":
+    return None
+  num_t = int(d.num_timesteps)
+  if not 1 <= int(s.num_steps) <= num_t:
     raise ValueError(f"sampling.num_steps={s.num_steps} must be in [1, "
-                     f"diffusion.num_timesteps={d.num_timesteps}] for DDIM.")
+                     f"diffusion.num_timesteps={num_t}] for {s.sampler}.")
+  name = spacing(config)
+  if name not in timesteps_lib.SPACINGS:
+    raise ValueError(f"Unknown sampling.spacing {name!r}; choose one of "
+                     f"{timesteps_lib.SPACINGS} (or '' for the sampler's default).")
+  final = str(_get(s, "final_step", "zero"))
+  if s.sampler in ("ddim", "respaced"):
+    if name not in timesteps_lib.INTEGER_SPACINGS:
+      raise ValueError(f"sampling.sampler={s.sampler} needs integer timesteps: set "
+                       f"sampling.spacing to one of {timesteps_lib.INTEGER_SPACINGS}.")
+    if final != "zero" or bool(_get(s, "denoise_to_zero", False)):
+      raise ValueError(f"sampling.sampler={s.sampler} ends noise-free: set "
+                       "sampling.final_step=zero and sampling.denoise_to_zero=False (a "
+                       "grid ending at t = 0 is for the ODE samplers).")
+  if s.sampler == "ddim" and float(_get(s, "threshold_ratio", 0.0)) > 0:
+    raise ValueError("sampling.threshold_ratio (dynamic thresholding) is not implemented "
+                     "for ddim; use an ODE solver (e.g. dpmpp_2m) or set "
+                     "sampling.threshold_ratio=0.")
+  if _get(s, "solver_type", "midpoint") not in dpm_solver.SOLVER_TYPES:
+    raise ValueError(f"Unknown sampling.solver_type {s.solver_type!r}; choose one of "
+                     f"{dpm_solver.SOLVER_TYPES}.")
+  if (s.sampler in DPM_SAMPLERS or s.sampler in ("euler", "heun")) and \
+      d.model_mean_type == "mean" and name not in timesteps_lib.INTEGER_SPACINGS:
+    raise ValueError("diffusion.model_mean_type=mean works only on integer timesteps: set "
+                     f"sampling.spacing to one of {timesteps_lib.INTEGER_SPACINGS}.")
+  grid = make_grid(config)
+  if s.sampler in DPM_SAMPLERS:
+    order, algorithm, method = DPM_SAMPLERS[s.sampler]
+    dpm_solver.update_coefficients(grid, order=order, algorithm=algorithm, method=method,
+                                   solver_type=str(_get(s, "solver_type", "midpoint")),
+                                   lower_order_final=bool(_get(s, "lower_order_final",
+                                                               True)))
+  if s.sampler in ("euler", "heun"):
+    _churn(config, grid)
+  return grid
+
+
+def _churn(config: ml_collections.ConfigDict, grid: timesteps_lib.Grid):
+  s = config.sampling
+  if float(_get(s, "churn", 0.0)) == 0:
+    return None
+  return karras.make_churn(betas_of(config), grid, float(s.churn),
+                           float(_get(s, "churn_tmin", 0.0)),
+                           float(_get(s, "churn_tmax", math.inf)),
+                           float(_get(s, "churn_noise", 1.0)))
+
+
+def network_calls(config: ml_collections.ConfigDict) -> int:
+  """Network evaluations per sample of the configured sampler."""
+  grid = check_sampler(config)
+  if grid is None:
+    return int(config.diffusion.num_timesteps)
+  if config.sampling.sampler == "heun":
+    return 2 * grid.num_steps - int(grid.noise_free_end)
+  return grid.num_steps
 
 
 def settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -42,21 +173,90 @@ def settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   s, d = config.sampling, config.diffusion
   out = {"sampler": s.sampler, "clip_denoised": bool(s.clip_denoised),
          "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
-         "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type}
+         "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type,
+         "network_calls": network_calls(config)}
+  if s.sampler == "ancestral":
+    return out
+  out.update(num_steps=int(s.num_steps), spacing=spacing(config),
+             beta_schedule=d.beta_schedule, beta_start=float(d.beta_start),
+             beta_end=float(d.beta_end), final_step=str(_get(s, "final_step", "zero")),
+             denoise_to_zero=bool(_get(s, "denoise_to_zero", False)))
   if s.sampler == "ddim":
-    out.update(num_steps=int(s.num_steps), eta=float(s.eta),
-               eps_from_clipped_x0=bool(s.eps_from_clipped_x0))
+    out.update(eta=float(s.eta), eps_from_clipped_x0=bool(s.eps_from_clipped_x0))
+    return out
+  out.update(threshold_ratio=float(_get(s, "threshold_ratio", 0.0)),
+             threshold_max=float(_get(s, "threshold_max", 1.0)))
+  if s.sampler in DPM_SAMPLERS:
+    out.update(solver_type=str(_get(s, "solver_type", "midpoint")),
+               lower_order_final=bool(_get(s, "lower_order_final", True)))
+  if s.sampler in ("euler", "heun"):
+    out.update(churn=float(_get(s, "churn", 0.0)), karras_rho=float(_get(s, "karras_rho",
+                                                                         7.0)))
+    if out["churn"]:
+      out.update(churn_tmin=float(s.churn_tmin), churn_tmax=float(s.churn_tmax),
+                 churn_noise=float(s.churn_noise))
   return out
 
 
 def tag(config: ml_collections.ConfigDict) -> str:
-  """A short name of the sampler settings, e.g. `ddim50_eta0.0_seed0`."""
+  """A short name of the sampler settings, e.g. `ddim50_eta0.0_seed0`, `dpmpp_2m20_logsnr
+  _seed0`; settings off their defaults add a hash of all settings."""
   s = settings(config)
-  name = (f"ddim{s['num_steps']}_eta{s['eta']}" if s["sampler"] == "ddim"
-          else f"ancestral{s['num_timesteps']}")
+  if s["sampler"] == "ancestral":
+    name = f"ancestral{s['num_timesteps']}"
+  elif s["sampler"] == "ddim":
+    name = f"ddim{s['num_steps']}_eta{s['eta']}"
+    if s["spacing"] != DEFAULT_SPACING["ddim"]:
+      name += f"_{s['spacing']}"
+  else:
+    name = f"{s['sampler']}{s['num_steps']}_{s['spacing']}"
   if s.get("eps_from_clipped_x0"):
     name += "_clippedeps"
+  if any(key in s and s[key] != value for key, value in _EXTRA_DEFAULTS.items()):
+    digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+    name += f"_{digest}"
   return f"{name}_seed{s['seed']}"
+
+
+def build_sampler(config: ml_collections.ConfigDict,
+                  schedule: Schedule) -> Callable[[Callable, jax.Array], jax.Array]:
+  """`run(model_fn, keys [B]) -> [B, H, W, C]`: the configured sampler (trace inside jit).
+
+  Args:
+    config: the experiment config (`sampling`, `diffusion`, `data`).
+    schedule: the diffusion's coefficients (the compute dtype).
+  """
+  grid = check_sampler(config)
+  s, d = config.sampling, config.diffusion
+  shape = (int(config.data.image_size), int(config.data.image_size),
+           int(config.data.channels))
+  types = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type)
+  transform = x0_transform(config)
+  if s.sampler == "ancestral":
+    return lambda model_fn, keys: samplers.ancestral_sample(
+        model_fn, schedule, keys, shape, clip_denoised=bool(s.clip_denoised), **types)
+  if s.sampler == "ddim":
+    seq = np.asarray(grid.timesteps[::-1], np.int64)
+    return lambda model_fn, keys: samplers.ddim_sample(
+        model_fn, schedule, keys, shape, timesteps=seq, eta=float(s.eta),
+        clip_denoised=bool(s.clip_denoised),
+        eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **types)
+  if s.sampler == "respaced":
+    spaced = respacing.respace(betas_of(config), np.asarray(grid.timesteps[::-1], np.int64),
+                               schedule.dtype)
+    return lambda model_fn, keys: respacing.sample(
+        model_fn, schedule, spaced, keys, shape, transform=transform, **types)
+  if s.sampler in DPM_SAMPLERS:
+    order, algorithm, method = DPM_SAMPLERS[s.sampler]
+    options = dict(order=order, algorithm=algorithm, method=method,
+                   solver_type=str(_get(s, "solver_type", "midpoint")),
+                   lower_order_final=bool(_get(s, "lower_order_final", True)))
+    return lambda model_fn, keys: dpm_solver.sample(
+        model_fn, schedule, keys, shape, grid, transform=transform, **options, **types)
+  churn = _churn(config, grid)
+  return lambda model_fn, keys: karras.sample(
+      model_fn, schedule, keys, shape, grid, method=s.sampler, churn=churn,
+      transform=transform, **types)
 
 
 def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
@@ -73,24 +273,13 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
 
   The indices are split over the mesh; the images come back replicated.
   """
-  check_sampler(config)
-  s, d = config.sampling, config.diffusion
-  shape = (int(config.data.image_size), int(config.data.image_size),
-           int(config.data.channels))
-  kwargs = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type,
-                clip_denoised=bool(s.clip_denoised))
+  run = build_sampler(config, schedule)
   base = streams.stream_key(config.seed, streams.SAMPLE)
-  timesteps = (samplers.ddim_timesteps(int(d.num_timesteps), int(s.num_steps))
-               if s.sampler == "ddim" else None)
 
   def sample(params, indices):
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)  # [B]
     model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-    if timesteps is not None:
-      return samplers.ddim_sample(model_fn, schedule, keys, shape, timesteps=timesteps,
-                                  eta=float(s.eta),
-                                  eps_from_clipped_x0=bool(s.eps_from_clipped_x0), **kwargs)
-    return samplers.ancestral_sample(model_fn, schedule, keys, shape, **kwargs)
+    return run(model_fn, keys)
 
   return jax.jit(sample, in_shardings=(sharding.replicated(mesh),
                                        sharding.batch_sharding(mesh)),

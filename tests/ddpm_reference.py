@@ -315,3 +315,169 @@ def analytic_variance(abar, tau, gamma, lo=-1.0, hi=1.0):
     lower.append(s["lam2"])
     upper.append(s["lam2"] + min(s["factor"], s["x0_coef"]**2 * ((hi - lo) / 2)**2))
   return np.array(unclipped), np.array(lower), np.array(upper)
+
+
+# --- Few-step ODE samplers (Lu et al. 2022, 2022b; Karras et al. 2022) ------------------
+# A level is (alpha, sigma) with x = alpha x_0 + sigma eps; lambda = log(alpha / sigma).
+# Written as exact integrals of the interpolating polynomial of the predictions in lambda
+# (the papers' derivation), not in the solvers' coefficient form.
+
+
+def level_of(abar, t):
+  """(alpha, sigma) at a (fractional) timestep: log alpha_bar linear between integers."""
+  log_a = float(np.interp(t, np.arange(len(abar)), np.log(abar)))
+  return math.exp(0.5 * log_a), math.sqrt(1.0 - math.exp(log_a))
+
+
+def predict_x0_eps(output, x, alpha, sigma, mean_type, clip=False, threshold=None):
+  """x_0 and eps from a model output at level (alpha, sigma); x_0 clipped to [-1, 1] or
+  dynamically thresholded (ratio, max) per example, eps then re-derived."""
+  C = x.shape[-1]
+  out = output[..., :C]
+  if mean_type == "eps":
+    x0, eps = (x - sigma * out) / alpha, out
+  elif mean_type == "x_start":
+    x0, eps = out, (x - alpha * out) / sigma
+  else:  # v = alpha eps - sigma x_0, x = alpha x_0 + sigma eps (a rotation)
+    x0, eps = alpha * x - sigma * out, sigma * x + alpha * out
+  if threshold is not None:
+    ratio, top = threshold
+    flat = np.abs(x0.reshape(len(x0), -1))
+    s = np.clip(np.quantile(flat, ratio, axis=1), 1.0, top).reshape((-1,) + (1,) * (x.ndim - 1))
+    x0 = np.clip(x0, -s, s) / s
+  if clip:
+    x0 = np.clip(x0, -1.0, 1.0)
+  if clip or threshold is not None:
+    eps = (x - alpha * x0) / sigma
+  return x0, eps
+
+
+def _moments(h, j_max, sign):
+  """I_j = int_0^h exp(sign (u - h)) u^j du, j = 0..j_max (exp(-h) weight for sign +1:
+  the data-prediction integral; sign -1: the noise-prediction one)."""
+  out = []
+  for j in range(j_max + 1):
+    if sign > 0:  # int e^{u - h} u^j = u^j e^{u-h} | - j I_{j-1}
+      out.append(h**j - (j * out[j - 1] if j else math.exp(-h)))
+    else:  # int e^{h - u} u^j = -u^j e^{h-u} | + j I_{j-1}
+      out.append(-h**j + (j * out[j - 1] if j else math.exp(h)))
+  return out
+
+
+def exp_integrator_step(x, lev_s, lev_t, nodes, values, kind):
+  """x at level t from x at level s, the prediction (x_0 for kind "data", eps for
+  "noise") replaced by the polynomial through (nodes: lambdas, values).
+
+  data:  x_t = sigma_t / sigma_s x_s + sigma_t int_{lam_s}^{lam_t} e^lam p(lam) dlam
+  noise: x_t = alpha_t / alpha_s x_s - alpha_t int e^-lam p(lam) dlam
+  A noise-free level t (sigma_t = 0) takes the prediction at s (first order).
+  """
+  (a_s, s_s), (a_t, s_t) = lev_s, lev_t
+  if s_t == 0.0:
+    return values[0] if kind == "data" else (x - s_s * values[0]) / a_s
+  lam_s, lam_t = math.log(a_s / s_s), math.log(a_t / s_t)
+  h = lam_t - lam_s
+  u = [n - lam_s for n in nodes]
+  k = len(u)
+  coef = np.linalg.solve(np.vander(np.array(u), k, increasing=True),
+                         np.stack([v.reshape(-1) for v in values]))  # [k, D]
+  if kind == "data":  # sigma_t e^{lam_s} int_0^h e^u p = alpha_t int_0^h e^{u - h} p
+    moments = _moments(h, k - 1, +1)
+    integral = a_t * sum(moments[j] * coef[j] for j in range(k))
+    out = s_t / s_s * x.reshape(-1) + integral
+  else:  # alpha_t e^{-lam_s} int_0^h e^{-u} p = sigma_t int_0^h e^{h - u} p
+    moments = _moments(h, k - 1, -1)
+    integral = s_t * sum(moments[j] * coef[j] for j in range(k))
+    out = a_t / a_s * x.reshape(-1) - integral
+  return out.reshape(x.shape)
+
+
+def midpoint_step(x, lev_s, lev_t, m_s, lam_other, m_other, kind):
+  """Lu et al.'s second-order "midpoint" form: the first-order step with the prediction
+  m_s + (m_s - m_other) h / (2 (lam_s - lam_other)) (DPM-Solver-2, DPM-Solver++(2M))."""
+  lam_s = math.log(lev_s[0] / lev_s[1])
+  lam_t = math.log(lev_t[0] / lev_t[1])
+  d1 = (m_s - m_other) * (lam_t - lam_s) / (lam_s - lam_other)
+  return exp_integrator_step(x, lev_s, lev_t, [lam_s], [m_s + 0.5 * d1], kind)
+
+
+def dpm_multistep(x, levels, predict, order, kind, solver="midpoint",
+                  lower_order_final=True):
+  """Multistep DPM-Solver(++) over levels [M + 1] ((alpha, sigma); the last may be
+  noise-free); predict(x, i) -> prediction at level i. Orders: min(order, i + 1), the
+  last two steps at most 1 and 2 when lower_order_final and M < 15, the step into a
+  noise-free end first order. Returns the states at every level."""
+  m_steps = len(levels) - 1
+  lams = [math.log(a / s) if s > 0 else math.inf for a, s in levels]
+  hist, states = [], [x]
+  for i in range(m_steps):
+    hist.append(predict(x, i))
+    k = min(order, i + 1)
+    if lower_order_final and m_steps < 15:
+      k = min(k, 1 if i == m_steps - 1 else 2 if i == m_steps - 2 else k)
+    if levels[i + 1][1] == 0.0:
+      k = 1
+    if k == 2 and solver == "midpoint":
+      x = midpoint_step(x, levels[i], levels[i + 1], hist[-1], lams[i - 1], hist[-2], kind)
+    else:
+      x = exp_integrator_step(x, levels[i], levels[i + 1], lams[i - k + 1:i + 1][::-1],
+                              hist[::-1][:k], kind)
+    states.append(x)
+  return states
+
+
+def dpm_singlestep(x, levels, predict, groups, kind, solver="midpoint"):
+  """Singlestep DPM-Solver(++): consecutive groups of grid intervals (sizes `groups`,
+  summing to M), each from its start s with its intermediate levels on the grid. The
+  state two intervals in is DPM-Solver-2 (midpoint) or the linear Taylor form (heun);
+  three intervals in, Lu et al.'s DPM-Solver-3 update (midpoint: the linear polynomial
+  through s and the second level) or the quadratic Taylor form (heun). Returns the
+  states at every level."""
+  lams = [math.log(a / s) if s > 0 else math.inf for a, s in levels]
+  states, g = [x], 0
+  for k in groups:
+    x_s, preds = x, [predict(x, g)]
+    for j in range(1, k + 1):  # the state at level g + j
+      lev_s, lev_t = levels[g], levels[g + j]
+      if j == 1:
+        x = exp_integrator_step(x_s, lev_s, lev_t, [lams[g]], preds[:1], kind)
+      elif j == 2 and solver == "midpoint":
+        x = midpoint_step(x_s, lev_s, lev_t, preds[0], lams[g + 1], preds[1], kind)
+      elif j == 3 and solver == "midpoint":
+        x = exp_integrator_step(x_s, lev_s, lev_t, [lams[g], lams[g + 2]],
+                                [preds[0], preds[2]], kind)
+      else:
+        x = exp_integrator_step(x_s, lev_s, lev_t, lams[g:g + j], preds[:j], kind)
+      states.append(x)
+      if j < k:
+        preds.append(predict(x, g + j))
+    g += k
+  return states
+
+
+def karras_sampler(y, karras_levels, times, denoise, heun, churn=None, noises=None):
+  """Karras et al. (2022) Algorithm 1 (heun) / Euler, with Algorithm 2's churn.
+
+  y: the variance-exploding sample x / alpha at karras_levels[0]; denoise(y, s, t) the
+  x_0 prediction at Karras level s and timestep t; churn: (gammas, hat_times, s_noise)
+  with noises[i] the N(0, I) draw of step i. Returns the VE states at every level.
+  """
+  states = [y]
+  for i in range(len(times)):
+    s, s_next = karras_levels[i], karras_levels[i + 1]
+    t_hat = times[i]
+    if churn is not None and churn[0][i] > 0:
+      s_hat = s * (1 + churn[0][i])
+      y = y + math.sqrt(s_hat**2 - s**2) * churn[2] * noises[i]
+      t_hat = churn[1][i]
+    else:
+      s_hat = s
+    d = (y - denoise(y, s_hat, t_hat)) / s_hat
+    y_next = y + (s_next - s_hat) * d
+    if heun and s_next != 0:
+      t_next = times[i + 1] if i + 1 < len(times) else 0.0
+      d2 = (y_next - denoise(y_next, s_next, t_next)) / s_next
+      y_next = y + (s_next - s_hat) * (d + d2) / 2
+    y = y_next
+    states.append(y)
+  return states

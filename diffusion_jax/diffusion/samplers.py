@@ -41,7 +41,8 @@ def _check_timestep(name: str, t, num_timesteps: int) -> int:
   return int(t)
 
 
-def _initial_noise(schedule: Schedule, keys: jax.Array, shape: Sequence[int]) -> jax.Array:
+def initial_noise(schedule: Schedule, keys: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """x_T [B, *shape] ~ N(0, I) of each example from fold_in(keys[b], T)."""
   if (not isinstance(shape, (tuple, list)) or
       not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape)):
     raise ValueError(f"shape must be the per-sample shape, e.g. (H, W, C), got {shape!r}.")
@@ -128,7 +129,7 @@ def ancestral_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
   """
   _check_types(model_mean_type, model_var_type)
   keys = randomness.as_key_array(keys)
-  x_T = _initial_noise(schedule, keys, shape)
+  x_T = initial_noise(schedule, keys, shape)
   return denoise_from(model_fn, schedule, x_T, schedule.num_timesteps - 1, keys,
                       model_mean_type=model_mean_type, model_var_type=model_var_type,
                       clip_denoised=clip_denoised)
@@ -159,7 +160,7 @@ def progressive_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
   snap_ts = np.arange(0, num_timesteps, every)[::-1]
   num_snaps = len(snap_ts)
   keys = randomness.as_key_array(keys)
-  x = _initial_noise(schedule, keys, shape)
+  x = initial_noise(schedule, keys, shape)
   buf = jnp.zeros((x.shape[0], num_snaps) + x.shape[1:], x.dtype)  # [B, N, H, W, C]
 
   def record(buf, value, t):
@@ -251,7 +252,7 @@ def ddim_sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
   seq_j, prev_j = jnp.asarray(seq, jnp.int32), jnp.asarray(prev, jnp.int32)
   deterministic = isinstance(eta, (int, float)) and eta == 0
   keys = randomness.as_key_array(keys)
-  x = _initial_noise(schedule, keys, shape)
+  x = initial_noise(schedule, keys, shape)
   log_abar = schedule.log_alphas_cumprod
 
   def body(i, x):
@@ -311,7 +312,7 @@ def sample_completions(model_fn: ModelFn, schedule: Schedule, keys: jax.Array,
   kwargs = dict(model_mean_type=model_mean_type, model_var_type=model_var_type,
                 clip_denoised=clip_denoised)
   keys = randomness.as_key_array(keys)
-  x = _initial_noise(schedule, keys, shape)
+  x = initial_noise(schedule, keys, shape)
 
   def body(i, x):
     return p_sample(model_fn, schedule, x, num_timesteps - 1 - i, keys, **kwargs)[0]

@@ -9,8 +9,14 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ddpm_reference as ref
+from diffusion_jax.diffusion import denoiser
+from diffusion_jax.diffusion import dpm_solver
+from diffusion_jax.diffusion import inversion
+from diffusion_jax.diffusion import karras
+from diffusion_jax.diffusion import respacing
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion import timesteps
 
 T = 30
 BETA = ("linear", T, 1e-3, 0.3)
@@ -206,6 +212,7 @@ def test_ddim_eta1_all_steps_equals_ancestral_fixedsmall(dtype, tol):
 
 
 SHARD_KEYS = jax.random.split(jax.random.key(7), 16)
+LOGSNR_GRID = timesteps.make_grid(ref.betas(*BETA), 6, "logsnr")
 SHARD_XA, SHARD_XB = np.random.default_rng(1).uniform(-1, 1, (2, 16) + SHAPE).astype(
     np.float32)
 
@@ -224,6 +231,13 @@ def _all_samplers(keys, x_a, x_b):
                                                  num_completions=2, **kw)["samples"],
       "interpolate": samplers.interpolate(model, s, x_a, x_b, keys, t=20,
                                           lambdas=jnp.array([0.0, 0.5]), **kw)["samples"],
+      "respaced": respacing.sample(model, s, respacing.respace(BETAS30, [0, 9, 20, 29]),
+                                   keys, SHAPE, **kw),
+      "dpmpp_2m": dpm_solver.sample(model, s, keys, SHAPE, LOGSNR_GRID, **kw),
+      "dpm_3s": dpm_solver.sample(model, s, keys, SHAPE, LOGSNR_GRID, order=3,
+                                  algorithm="dpmsolver", method="singlestep", **kw),
+      "heun_churn": karras.sample(model, s, keys, SHAPE, LOGSNR_GRID,
+                                  churn=karras.make_churn(BETAS30, LOGSNR_GRID, 3.0), **kw),
   }
 
 
@@ -299,3 +313,126 @@ def test_ddim_timesteps():
     samplers.ddim_timesteps(1000, 0)
   with pytest.raises(ValueError, match="Unknown spacing"):
     samplers.ddim_timesteps(1000, 10, "cosine")
+
+
+# --- Respaced ancestral, DPM-Solver and Karras samplers (see also test_solver_parity) ---
+
+BETAS30 = ref.betas(*BETA)
+RESPACED = [("eps", "fixedlarge", True), ("mean", "fixedsmall", False),
+            ("v", "learned_range", True), ("x_start", "learned", False)]
+SUBSEQ = np.array([0, 3, 4, 11, 19, 29])
+
+
+def _respaced_reference(seq, z, mean_type, var_type, clip, variances=None):
+  """ref.ancestral on the K-step diffusion: betas 1 - abar[s_k] / abar[s_{k-1}], the model
+  at the original timesteps, noise z[s_k]; a "mean" output converted with the original
+  step's posterior."""
+  abar = np.cumprod(1 - BETAS30)[seq]
+  c = ref.coefficients(1 - abar / np.append(1.0, abar[:-1]))
+  full, model = coefs(), np_model(var_type)
+
+  def spaced_model(x, k):
+    out = model(x, seq[k])
+    C = x.shape[-1]
+    if mean_type == "mean":
+      x0 = ref.x0_from_mean(full, x, seq[k], out[..., :C])  # the original step's posterior
+      out = np.concatenate([ref.posterior_mean(c, x0, x, k), out[..., C:]], -1)
+    if variances is not None:  # as a "learned" log-variance output
+      log_var = np.log(variances)[np.asarray(k)].reshape(-1, 1, 1, 1)
+      out = np.concatenate([out[..., :C], np.broadcast_to(log_var, x.shape)], -1)
+    return out
+
+  if variances is not None:
+    var_type = "learned"
+
+  return ref.ancestral(c, spaced_model, z[T], {k: z[t] for k, t in enumerate(seq)},
+                       mean_type, var_type, clip)
+
+
+@functools.lru_cache(maxsize=None)
+def respaced_runs():
+  def run(keys):
+    s = sched(jnp.float64)
+    out = {}
+    for i, (mean_type, var_type, clip) in enumerate(RESPACED):
+      kw = dict(model_mean_type=mean_type, model_var_type=var_type,
+                transform=denoiser.X0Transform(clip=clip))
+      for name, seq in (("all", np.arange(T)), ("sub", SUBSEQ)):
+        out[f"{name}{i}"] = respacing.sample(jnp_model(var_type), s,
+                                             respacing.respace(BETAS30, seq, jnp.float64),
+                                             keys, SHAPE, **kw)
+      out[f"ancestral{i}"] = samplers.ancestral_sample(
+          jnp_model(var_type), s, keys, SHAPE, model_mean_type=mean_type,
+          model_var_type=var_type, clip_denoised=clip)
+    out["hook"] = respacing.sample(jnp_model("fixedlarge"), s,
+                                   respacing.respace(BETAS30, SUBSEQ, jnp.float64), keys,
+                                   SHAPE, variances=VARIANCES)
+    return out
+
+  with jax.enable_x64(True):
+    return jax.device_get(jax.jit(run)(KEYS))
+
+
+VARIANCES = np.linspace(0.3, 0.01, len(SUBSEQ))
+
+
+@pytest.mark.parametrize("i", range(len(RESPACED)))
+def test_respaced_sampler(i):
+  """All T steps: exactly ancestral sampling (same keys); a subsequence: the float64
+  reference with recomputed betas."""
+  mean_type, var_type, clip = RESPACED[i]
+  runs, (_, z) = respaced_runs(), float64_runs()
+  assert rel_err(runs[f"all{i}"], runs[f"ancestral{i}"]) <= 1e-12
+  expected = _respaced_reference(SUBSEQ, z, mean_type, var_type, clip)
+  assert rel_err(runs[f"sub{i}"], expected) <= 1e-10
+
+
+def test_respaced_variance_hook():
+  expected = _respaced_reference(SUBSEQ, float64_runs()[1], "eps", "fixedlarge", True,
+                                 variances=VARIANCES)
+  assert rel_err(respaced_runs()["hook"], expected) <= 1e-10
+
+
+def test_ddim_eta0_is_dpm_solver_order1():
+  """DDIM (eta = 0, no clipping) is DPM-Solver-1 in both forms on the same grid."""
+  seq = [0, 4, 9, 17, 29]
+  grid = timesteps.grid_from_timesteps(BETAS30, seq[::-1])
+  with jax.enable_x64(True):
+    s = sched(jnp.float64)
+    model = jnp_model("fixedlarge")
+    ddim = samplers.ddim_sample(model, s, KEYS, SHAPE, timesteps=seq, clip_denoised=False)
+    for algorithm in dpm_solver.ALGORITHMS:
+      dpm = dpm_solver.sample(model, s, KEYS, SHAPE, grid, order=1, algorithm=algorithm)
+      assert rel_err(dpm, ddim) <= 1e-12, algorithm
+
+
+def test_new_sampler_errors():
+  s = sched(jnp.float32)
+  model = jnp_model("fixedlarge")
+  logsnr = timesteps.make_grid(BETAS30, 5, "logsnr")
+  with pytest.raises(ValueError, match="'mean' .* works only on integer timesteps"):
+    dpm_solver.sample(model, s, KEYS, SHAPE, logsnr, model_mean_type="mean")
+  with pytest.raises(ValueError, match="needs lower_order_final=True"):
+    dpm_solver.sample(model, s, KEYS, SHAPE, logsnr, order=3, method="singlestep",
+                      lower_order_final=False)
+  with pytest.raises(ValueError, match="Unknown DPM-Solver algorithm"):
+    dpm_solver.sample(model, s, KEYS, SHAPE, logsnr, algorithm="unipc")
+  no_end = timesteps.grid_from_karras_sigmas([20.0, 10.0], [9.0, 3.0, 1.0])
+  with pytest.raises(ValueError, match="Heun's last corrector"):
+    karras.sample(model, s, KEYS, SHAPE, no_end, method="heun")
+  with pytest.raises(ValueError, match="Churn needs s_churn >= 0"):
+    karras.make_churn(BETAS30, logsnr, -1.0)
+  with pytest.raises(ValueError, match="strictly increasing sequence of ints"):
+    respacing.respace(BETAS30, [0, 5, 5])
+  spaced = respacing.respace(BETAS30, SUBSEQ)
+  with pytest.raises(ValueError, match=r"variances must have shape \[6\]"):
+    respacing.sample(model, s, spaced, KEYS, SHAPE, variances=jnp.ones(5))
+  with pytest.raises(ValueError, match="build it with respace"):
+    respacing.sample(model, s, respacing.respace(BETAS30, SUBSEQ, jnp.float16), KEYS,
+                     SHAPE)
+  with pytest.raises(ValueError, match="the grid must end noise-free"):
+    inversion.encode(model, s, jnp.zeros((8,) + SHAPE),
+                     timesteps.make_grid(BETAS30, 5, "linspace", final_step="t0"))
+  with pytest.raises(ValueError, match="threshold_ratio must be in"):
+    dpm_solver.sample(model, s, KEYS, SHAPE, logsnr,
+                      transform=denoiser.X0Transform(threshold_ratio=1.5))
