@@ -343,7 +343,8 @@ def predict_x0_eps(output, x, alpha, sigma, mean_type, clip=False, threshold=Non
   if threshold is not None:
     ratio, top = threshold
     flat = np.abs(x0.reshape(len(x0), -1))
-    s = np.clip(np.quantile(flat, ratio, axis=1), 1.0, top).reshape((-1,) + (1,) * (x.ndim - 1))
+    s = np.clip(np.quantile(flat, ratio, axis=1), 1.0, top)
+    s = s.reshape((-1,) + (1,) * (x.ndim - 1))
     x0 = np.clip(x0, -s, s) / s
   if clip:
     x0 = np.clip(x0, -1.0, 1.0)

@@ -35,7 +35,8 @@ def _check(grid: Grid, fixed_point_iterations: int = 0) -> None:
   if not grid.noise_free_end:
     raise ValueError("DDIM inversion encodes x_0 itself: the grid must end noise-free "
                      "(final_step='zero').")
-  if not isinstance(fixed_point_iterations, (int, np.integer)) or fixed_point_iterations < 0:
+  if (not isinstance(fixed_point_iterations, (int, np.integer)) or
+      fixed_point_iterations < 0):
     raise ValueError(f"fixed_point_iterations must be an int >= 0, got "
                      f"{fixed_point_iterations!r}.")
 

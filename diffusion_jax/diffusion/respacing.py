@@ -98,8 +98,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, respacing: Respacing, keys: ja
   num_steps = small.num_timesteps
   seq = np.asarray(respacing.timesteps)
   if seq.shape != (num_steps,) or seq[-1] >= schedule.num_timesteps:
-    raise ValueError(f"The respacing's {seq.size} timesteps do not fit its {num_steps}-step "
-                     f"schedule or the {schedule.num_timesteps}-step diffusion.")
+    raise ValueError(f"The respacing's {seq.size} timesteps do not fit its {num_steps}-"
+                     f"step schedule or the {schedule.num_timesteps}-step diffusion.")
   if small.dtype != schedule.dtype:
     raise ValueError(f"The respaced schedule is {small.dtype}, the diffusion's "
                      f"{schedule.dtype}; build it with respace(..., dtype=schedule.dtype).")

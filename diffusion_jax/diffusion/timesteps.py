@@ -248,7 +248,8 @@ def grid_from_timesteps(betas: np.ndarray, timesteps: Sequence[float], *,
   if denoise_to_zero and final_step != "t0":
     raise ValueError("denoise_to_zero adds a last network call at t = 0 after a grid that "
                      "ends at t = 0 (final_step='t0'); with final_step='zero' the grid "
-                     "already ends noise-free. Set final_step='t0' or denoise_to_zero=False.")
+                     "already ends noise-free. Set final_step='t0' or "
+                     "denoise_to_zero=False.")
   alphas, sigmas = level(betas, seq)
   if final_step == "zero":
     alphas, sigmas = np.append(alphas, 1.0), np.append(sigmas, 0.0)

@@ -2,8 +2,9 @@
 
   python -m diffusion_jax.main --mode=figures --config configs/celebahq256.py --workdir DIR
 
-* `samples.png`: a grid of samples 0..n-1 of the sample job (the same keys, so the same
-  images as `samples/` holds).
+* `samples.png`: a grid of samples 0..n-1 of the sample job (the configured sampler and
+  the same keys, so the same images as `samples/` holds).
+The other figures are the paper's, with its ancestral sampler over all T steps:
 * `progressive_pred_x0.png`, `progressive_x_t.png` (Figs. 6 and 10): one row per example,
   the predicted x_0 (and the model input x_t) every T/10 steps, from x_T to the sample.
 * `completions.png` (Fig. 7): one row per split time t in T * `eval.figure_t_fractions`:

@@ -5,6 +5,7 @@
   sample     `sampling.num_samples` samples in resumable uint8 shards
   eval_fid   the sample job, then FID (and IS) with the JAX Inception
   figures    sample grid, progressive generation, completions, interpolations
+  invert     DDIM inversion of images to latents x_T and their reconstructions
 Each job works on any workdir with a checkpoint (EMA parameters by default) and writes a
 JSON summary under `<workdir>/eval/`.
 """
@@ -13,6 +14,7 @@ from diffusion_jax.evaluation import analytic_job
 from diffusion_jax.evaluation import bpd_job
 from diffusion_jax.evaluation import fid_job
 from diffusion_jax.evaluation import figures
+from diffusion_jax.evaluation import invert_job
 from diffusion_jax.evaluation import sample_job
 
 MODES = {
@@ -21,4 +23,5 @@ MODES = {
     "sample": sample_job.generate_samples,
     "eval_fid": fid_job.evaluate_fid,
     "figures": figures.make_figures,
+    "invert": invert_job.invert_images,
 }

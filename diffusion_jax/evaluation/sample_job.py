@@ -1,7 +1,12 @@
 """Sample generation at scale, in resumable shards of uint8 images.
 
   python -m diffusion_jax.main --mode=sample --config configs/cifar10.py --workdir DIR \
-      [--config.sampling.sampler=ddim --config.sampling.num_steps=100 --config.sampling.eta=0]
+      [--config.sampling.sampler=dpmpp_2m --config.sampling.num_steps=20]
+
+Any sampler of `sampling.SAMPLERS` (ancestral, respaced, ddim, the DPM-Solvers, euler,
+heun) with its grid and options from `config.sampling`; the directory name and the
+manifest record them (`sampling.tag`, `sampling.settings`, with the network calls per
+sample).
 
 Sample i is a function of (seed, i) only (`sampling.make_sample_fn`), whatever batch or
 device computes it. Shard k holds samples [k * shard_size, (k + 1) * shard_size) as

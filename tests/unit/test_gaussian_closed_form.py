@@ -195,7 +195,8 @@ def test_ddim_inversion_then_reconstruction_returns_x0():
     return out
 
   out = round_trip(x0)
-  rms = {k: float(np.sqrt(np.mean((np.asarray(rec) - x0)**2))) for k, (_, rec) in out.items()}
+  rms = {k: float(np.sqrt(np.mean((np.asarray(rec) - x0)**2)))
+         for k, (_, rec) in out.items()}
   assert rms[2] <= 1e-4, rms
   assert rms[0] > 1e-3, rms  # the refinement is what makes it exact
   latent = np.asarray(out[2][0], np.float64)

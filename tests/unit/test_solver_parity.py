@@ -36,7 +36,8 @@ ABAR = np.cumprod(1.0 - BETAS)
 B, SHAPE = 2, (2, 2, 3)  # 3 channels: diffusers' learned variances slice [:, :3]
 X = np.random.default_rng(0).standard_normal((B,) + SHAPE)
 KEYS = jax.random.split(jax.random.key(5), B)
-pytestmark = pytest.mark.filterwarnings("ignore:.*algorithm_type.*dpmsolver.*:FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*algorithm_type.*dpmsolver.*:FutureWarning")
 PRED = {"eps": "epsilon", "x_start": "sample", "v": "v_prediction"}
 
 
@@ -126,7 +127,8 @@ def _ours(case, dtype, method):
   return grid, functools.partial(
       dpm_solver.solve, jax_model(learned), schedule(dtype), jnp.asarray(X, dtype), grid,
       order=order, algorithm=algorithm, method=method, solver_type=solver,
-      model_mean_type=mean_type, model_var_type="learned_range" if learned else "fixedlarge",
+      model_mean_type=mean_type,
+      model_var_type="learned_range" if learned else "fixedlarge",
       transform=transform, diffusers_multistep3=True, trajectory=True)
 
 

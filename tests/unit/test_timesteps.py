@@ -1,4 +1,4 @@
-"""Timestep grids against diffusers' schedulers (the spacings they share) and closed forms."""
+"""Timestep grids against diffusers' schedulers (the spacings they share), closed forms."""
 
 import math
 
