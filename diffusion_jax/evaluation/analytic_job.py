@@ -114,7 +114,8 @@ def estimate_gamma(config: ml_collections.ConfigDict, workdir: str) -> Dict[str,
   settings = {"split": split, "step": eval_model.step, "params": eval_model.params_kind,
               "batch_size": global_batch, "num_images": iterator.num_images,
               "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
-              "beta_schedule": d.beta_schedule, "model_mean_type": d.model_mean_type}
+              "beta_schedule": d.beta_schedule, "beta_start": float(d.beta_start),
+              "beta_end": float(d.beta_end), "model_mean_type": d.model_mean_type}
   results.check_manifest(directory, settings)
   step_fn = make_gamma_step(eval_model, config, global_batch)
   start, done = time.time(), 0

@@ -124,7 +124,8 @@ def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
               "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
               "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type,
               **_bpd_settings(config)}
-  # part name -> (chunk directory, compiled step, chunk_arrays(out, count, first_index)).
+  # part -> (chunk directory, manifest, make the compiled step, chunk arrays of its
+  # outputs: (out, count, first_index) -> arrays).
   parts = {}
   chains = None
   if bpd_chains.chain_steps(config):
@@ -141,23 +142,22 @@ def evaluate_bpd(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
   for part_dir, part_manifest, _, _ in parts.values():
     results.check_manifest(part_dir, part_manifest)
   steps = {"vlb": make_bpd_step(eval_model, config, global_batch)}
-  start, done, done_batches = time.time(), 0, 0
+  start, done_batches = time.time(), 0
   for k, (images, mask) in enumerate(iterator):
     first = k * global_batch
+    count = min(global_batch, iterator.num_images - first)  # the real rows (mask)
     path = os.path.join(directory, f"batch_{k:06d}.npz")
     did = False
     if not os.path.exists(path):
       out = {name: sharding.replicated_value(v) for name, v in
              steps["vlb"](eval_model.params, images, mask, jnp.int32(first)).items()}
-      count = int(round(float(out["count"])))
+      assert int(round(float(out["count"]))) == count
       if results.is_writer():
         results.save_npz_atomic(path, **{n: out[n][:count] for n in _PER_IMAGE},
                                 terms_sum=out["terms_sum"].astype(np.float64),
                                 mse_sum=out["mse_sum"].astype(np.float64),
                                 count=np.int64(count))
-      done += count
       did = True
-    count = min(global_batch, iterator.num_images - first)  # the real rows (mask)
     for name, (part_dir, _, make, to_arrays) in parts.items():
       part_path = os.path.join(part_dir, f"batch_{k:06d}.npz")
       if os.path.exists(part_path):
