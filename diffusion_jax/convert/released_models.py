@@ -84,7 +84,8 @@ def fetch(repo_id: str, cache_dir: str | None = None, offline: bool | None = Non
       return path
   except missing:
     pass
-  fix = (f"Run the same command once with internet access (the download resumes where "
+  fix = (f"(It is read as a hub name because no local path {repo_id!r} exists.) "
+         f"Run the same command once with internet access (the download resumes where "
          f"it stopped), or copy the folder models--{repo_id.replace('/', '--')} of a hub "
          f"cache that has it into {cache} (or point --hub_cache / HF_HUB_CACHE at such a "
          f"cache), or download the model folder and pass --src DIR.")

@@ -82,6 +82,15 @@ def load_released_weights(src: str, config: ml_collections.ConfigDict, *,
   return params, 0
 
 
+def check_new_workdir(workdir: str) -> None:
+  """Raises FileExistsError when `workdir` already holds checkpoints."""
+  existing = checkpointing.list_steps(workdir)
+  if existing:
+    raise FileExistsError(f"The workdir {workdir} already holds checkpoints "
+                          f"{[f'{sub}/{step}' for step, sub in existing]}; choose a new "
+                          f"--workdir (nothing was written).")
+
+
 def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict, *,
                       use_ema: bool = True, fmt: str = "auto") -> str:
   """Imports released weights into a new workdir as this project's checkpoint.
@@ -96,11 +105,7 @@ def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict,
   Returns:
     The path of the written checkpoint.
   """
-  existing = checkpointing.list_steps(workdir)
-  if existing:
-    raise FileExistsError(f"The workdir {workdir} already holds checkpoints "
-                          f"{[f'{sub}/{step}' for step, sub in existing]}; choose a new "
-                          f"--workdir (nothing was written).")
+  check_new_workdir(workdir)
   params, step = load_released_weights(src, config, use_ema=use_ema, fmt=fmt)
   logging.info("Read %d tensors from %s (step %d).", len(jax.tree_util.tree_leaves(params)),
                src, step)
@@ -157,6 +162,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if f.ema and f.raw:
     raise app.UsageError("Pass at most one of --ema and --raw.")
+  check_new_workdir(f.workdir)  # before any download
   src, config, origin = resolve_source(f.src, f.config, hub_cache=f.hub_cache,
                                        offline=f.offline)
   path = import_checkpoint(src, f.workdir, config, use_ema=not f.raw, fmt=f.format)
