@@ -233,3 +233,20 @@ def test_parts_resume_and_summaries_agree(jobs, monkeypatch):
   monkeypatch.setattr(restore, "load_eval_model", lambda *a, **k: model)
   with pytest.raises(ValueError, match="ode_rtol"):
     bpd_job.evaluate_bpd(config, jobs["workdir"])
+
+
+def test_gamma_file_serves_any_chain_and_refuses_other_parameters(jobs):
+  """What the samplers' `variance=analytic` reads: the stored Gamma, for any chain."""
+  config, workdir = jobs["config"], jobs["workdir"]
+  data = analytic_job.load_gamma(config, workdir, 1, "ema")
+  abar = ref.coefficients(ref.betas("linear", T))["alphas_cumprod"]
+  tau = np.array([0, 7, 100, 420, 999])
+  got = analytic_job.chain_variances(config, data["gamma"], tau)
+  unclipped, lower, upper = ref.analytic_variance(abar, tau, data["gamma"])
+  np.testing.assert_allclose(got["variance"], np.clip(unclipped, lower, upper), rtol=1e-9)
+  full = ref.analytic_variance(abar, np.arange(T), data["gamma"])
+  np.testing.assert_allclose(data["variance"], np.clip(*full), rtol=1e-9, atol=1e-30)
+  with pytest.raises(ValueError, match="same eval.use_ema"):
+    analytic_job.load_gamma(config, workdir, 1, "params")
+  with pytest.raises(FileNotFoundError, match="eval_analytic"):
+    analytic_job.load_gamma(config, workdir, 2, "ema")
