@@ -109,8 +109,8 @@ def import_checkpoint(src: str, workdir: str, config: ml_collections.ConfigDict,
   params, step = load_released_weights(src, config, use_ema=use_ema, fmt=fmt)
   logging.info("Read %d tensors from %s (step %d).", len(jax.tree_util.tree_leaves(params)),
                src, step)
-  return params_checkpoint.write_params_checkpoint(workdir, config, params, ema_params=params,
-                                               step=step)
+  return params_checkpoint.write_params_checkpoint(workdir, config, params,
+                                                   ema_params=params, step=step)
 
 
 def resolve_source(src: str, config: ml_collections.ConfigDict | None, *,
