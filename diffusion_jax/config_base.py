@@ -120,8 +120,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.sampler = "ancestral"
   sampling.num_steps = 1000  # Steps of the grid (every sampler but ancestral).
   # Timestep grid (diffusion/timesteps.py): uniform, even, quad, leading, linspace,
-  # trailing, time_quadratic, logsnr, karras; "" = the sampler's default (ddim: uniform,
-  # respaced: even, DPM-Solvers: logsnr, euler/heun: karras).
+  # trailing, time_quadratic, logsnr, dpm_fast, karras; "" = the sampler's default (ddim:
+  # uniform, respaced: even, DPM-Solvers: logsnr, euler/heun: karras).
   sampling.spacing = ""
   sampling.final_step = "zero"  # zero (end noise-free) or t0 (end at timestep 0's level)
   sampling.denoise_to_zero = False  # With t0: one more network call returns its x_0.
@@ -134,7 +134,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 0.995) and the largest threshold; every sampler but ddim.
   sampling.threshold_ratio = 0.0
   sampling.threshold_max = 1.0
-  sampling.solver_type = "midpoint"  # DPM-Solver second-order form: midpoint or heun
+  sampling.solver_type = "midpoint"  # DPM-Solver: midpoint, heun (Taylor) or lu (Lu's code)
   sampling.lower_order_final = True  # DPM-Solver: lower orders at the end (< 15 steps)
   # euler/heun stochastic churn (Karras et al. Algorithm 2): S_churn, S_tmin, S_tmax,
   # S_noise (levels in Karras units sigma / alpha); karras_rho: the karras grid's rho.
