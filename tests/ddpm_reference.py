@@ -432,8 +432,9 @@ def dpm_singlestep(x, levels, predict, groups, kind, solver="midpoint"):
   summing to M), each from its start s with its intermediate levels on the grid. The
   state two intervals in is DPM-Solver-2 (midpoint) or the linear Taylor form (heun);
   three intervals in, Lu et al.'s DPM-Solver-3 update (midpoint: the linear polynomial
-  through s and the second level) or the quadratic Taylor form (heun). Returns the
-  states at every level."""
+  through s and the second level) or the quadratic Taylor form (heun). "lu" (Lu et al.'s
+  code): midpoint, but the second level of a group of three in the Taylor form. Returns
+  the states at every level."""
   lams = [math.log(a / s) if s > 0 else math.inf for a, s in levels]
   states, g = [x], 0
   for k in groups:
@@ -442,9 +443,9 @@ def dpm_singlestep(x, levels, predict, groups, kind, solver="midpoint"):
       lev_s, lev_t = levels[g], levels[g + j]
       if j == 1:
         x = exp_integrator_step(x_s, lev_s, lev_t, [lams[g]], preds[:1], kind)
-      elif j == 2 and solver == "midpoint":
+      elif j == 2 and (solver == "midpoint" or solver == "lu" and k == 2):
         x = midpoint_step(x_s, lev_s, lev_t, preds[0], lams[g + 1], preds[1], kind)
-      elif j == 3 and solver == "midpoint":
+      elif j == 3 and solver in ("midpoint", "lu"):
         x = exp_integrator_step(x_s, lev_s, lev_t, [lams[g], lams[g + 2]],
                                 [preds[0], preds[2]], kind)
       else:

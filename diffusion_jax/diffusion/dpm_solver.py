@@ -16,13 +16,14 @@ Every variant is one network call per grid interval, so a `timesteps.Grid` of M 
 costs M calls. The step into a noise-free end is always first order (it returns the
 data prediction), as in diffusers.
 
-Second-order formulas (`SOLVER_TYPES`, diffusers' names): "midpoint" (Lu et al.'s
-DPM-Solver-2 and DPM-Solver++(2M)) or "heun" (the Taylor form). The third-order
-multistep formula is the same for both; the third-order singlestep step uses the
-"midpoint" form (Lu et al.'s DPM-Solver-3 final update) or the full Taylor form ("heun",
-Lu et al.'s `solver_type='taylor'`), its intermediate second-order update uses the
-form named. With `lower_order_final` and fewer than 15 steps, the last multistep steps
-use orders 1 and 2 (diffusers' rule).
+Second-order formulas (`SOLVER_TYPES`): "midpoint" (diffusers' default; Lu et al.'s
+DPM-Solver-2 and DPM-Solver++(2M)) or "heun" (diffusers' name for the Taylor form). The
+third-order multistep formula is the same for all; a third-order singlestep group ends
+with Lu et al.'s DPM-Solver-3 update ("midpoint") or the full Taylor form ("heun"), its
+intermediate second-order update in the form named. "lu" is Lu et al.'s reference code
+(`solver_type='dpmsolver'`): midpoint, except that a third-order group's intermediate
+update is in the Taylor form (their DPM-Solver-3). With `lower_order_final` and fewer
+than 15 steps, the last multistep steps use orders 1 and 2 (diffusers' rule).
 
 Third-order multistep: with the backward differences D1_0 = (m_i - m_{i-1}) / r0,
 D1_1 = (m_{i-1} - m_{i-2}) / r1, the second-derivative term of the Taylor expansion is
@@ -57,7 +58,7 @@ from diffusion_jax.diffusion.timesteps import Grid
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 METHODS = ("multistep", "singlestep")
-SOLVER_TYPES = ("midpoint", "heun")
+SOLVER_TYPES = ("midpoint", "heun", "lu")
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower orders at the end only below 15 steps
 
 
@@ -174,7 +175,10 @@ def update_coefficients(grid: Grid, *, order: int, algorithm: str = "dpmsolver++
     orders = singlestep_orders(m, order, lower_order_final, grid.noise_free_end)
     starts = steps - orders + 1
   a, phi1, psi, chi, h = _terms(grid, starts, steps + 1, algorithm)
-  psi2 = 0.5 * phi1 if solver_type == "midpoint" else psi
+  psi2 = 0.5 * phi1 if solver_type in ("midpoint", "lu") else psi
+  if solver_type == "lu" and method == "singlestep":  # Taylor inside groups of three
+    inside = (orders == 2) & (np.append(orders[1:], 0) == 3)
+    psi2 = np.where(inside, psi, psi2)
   with np.errstate(all="ignore"):
     if method == "multistep":
       r0 = (lam[steps] - lam[np.maximum(steps - 1, 0)]) / h
@@ -202,7 +206,7 @@ def update_coefficients(grid: Grid, *, order: int, algorithm: str = "dpmsolver++
         coef[rows, 0] = p + big_a / q0
         coef[rows, 1] = -big_a / q0 + big_b / q1
         coef[rows, 2] = -big_b / q1
-      elif solver_type == "midpoint":  # D0 = m_s, D1_1 = (m_i - m_s) / r0
+      elif solver_type in ("midpoint", "lu"):  # D0 = m_s, D1_1 = (m_i - m_s) / r0
         coef[rows, 0], coef[rows, 1], coef[rows, 2] = x / q0, 0.0, p - x / q0
       else:  # Taylor: D1, D2 from the three points
         big_p = (x * q0 - 2 * chi_k) / (q0 - q1)
@@ -268,7 +272,7 @@ def solve(model_fn: ModelFn, schedule: Schedule, x: jax.Array, grid: Grid, *,
     order: 1 (DDIM), 2 or 3.
     algorithm: "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction).
     method: "multistep" or "singlestep".
-    solver_type: "midpoint" or "heun" (see the module docstring).
+    solver_type: "midpoint", "heun" or "lu" (see the module docstring).
     lower_order_final: lower orders for the last steps (see the module docstring).
     diffusers_multistep3: diffusers' third-order multistep step (see the module
       docstring); for parity tests.

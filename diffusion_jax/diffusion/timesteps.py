@@ -36,6 +36,11 @@ Spacings (`SPACINGS`), each for N steps (N network calls):
     s uniform from 1 to sqrt(1 / T), N + 1 points, without the last (t = 0);
   * "logsnr": uniform in lambda from lambda(T - 1) to lambda(0), N + 1 points, without the
     last (Lu et al. 2022's 'logSNR' skip type);
+  * "dpm_fast": the grid of Lu et al. (2022)'s DPM-Solver-fast for N network calls:
+    K = N // 3 + 1 outer steps uniform in lambda from lambda(T - 1) to lambda(0), of
+    orders 3, ..., 3 then (2, 1), (1) or (2) for N % 3 = 0, 1, 2, each split into as many
+    equal lambda parts as its order; without the last point (t = 0). Singlestep
+    DPM-Solver-3 with lower_order_final groups its intervals the same way;
   * "karras": Karras et al. (2022), Eq. 5: N noise levels (sigma_max^(1/rho) + i / (N - 1)
     (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N, in Karras units (sigma / alpha)
     with sigma_min, sigma_max those of timesteps 0 and T - 1 (diffusers' use_karras_sigmas;
@@ -60,7 +65,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 SPACINGS = ("uniform", "even", "quad", "leading", "linspace", "trailing", "time_quadratic",
-            "logsnr", "karras")
+            "logsnr", "dpm_fast", "karras")
 INTEGER_SPACINGS = ("uniform", "even", "quad", "leading", "linspace", "trailing")
 FINAL_STEPS = ("zero", "t0")
 KARRAS_RHO = 7.0
@@ -167,6 +172,24 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int,
   return (hi + ramp * (lo - hi))**rho
 
 
+def dpm_fast_orders(num_calls: int) -> list[int]:
+  """The orders of DPM-Solver-fast's outer steps for N network calls (Lu et al. 2022)."""
+  k = num_calls // 3 + 1
+  if num_calls % 3 == 0:
+    return [3] * (k - 2) + [2, 1]
+  return [3] * (k - 1) + [num_calls % 3]
+
+
+def dpm_fast_log_snrs(betas: np.ndarray, num_calls: int) -> np.ndarray:
+  """[N + 1] lambdas of the "dpm_fast" grid, from lambda(T - 1) to lambda(0)."""
+  alpha, sigma = level(betas, [np.asarray(betas).shape[0] - 1, 0])
+  lam = np.log(alpha) - np.log(sigma)
+  orders = dpm_fast_orders(num_calls)
+  outer = np.linspace(lam[0], lam[1], len(orders) + 1)
+  parts = [np.linspace(a, b, o + 1)[:-1] for a, b, o in zip(outer[:-1], outer[1:], orders)]
+  return np.append(np.concatenate(parts), lam[1])
+
+
 def model_timesteps(betas: np.ndarray, num_steps: int, spacing: str,
                     rho: float = KARRAS_RHO) -> np.ndarray:
   """The N decreasing timesteps where a sampler of `spacing` evaluates the network.
@@ -209,6 +232,9 @@ def model_timesteps(betas: np.ndarray, num_steps: int, spacing: str,
     alpha, sigma = level(betas, [num_t - 1, 0])
     lam = np.log(alpha) - np.log(sigma)
     seq = timestep_of_log_snr(betas, np.linspace(lam[0], lam[1], n + 1))[:-1]
+    seq[0] = num_t - 1
+  elif spacing == "dpm_fast":
+    seq = timestep_of_log_snr(betas, dpm_fast_log_snrs(betas, n))[:-1]
     seq[0] = num_t - 1
   else:  # karras
     alpha, sigma = level(betas, [0, num_t - 1])

@@ -204,6 +204,22 @@ def _singlestep_scheduler(case, float64):
   return sched
 
 
+@pytest.mark.parametrize("steps", [12, 13])
+def test_lu_dpm_solver_3_matches_reference_float64(steps):
+  """Lu et al.'s DPM-Solver-3 (their code's 'dpmsolver' type) on the DPM-Solver-fast grid
+  (no diffusers counterpart): outer steps uniform in log-SNR, orders 3, ..., 2, 1."""
+  case = (3, "dpmsolver", "dpm_fast", "t0", "eps", steps, "lu", False, None)
+  with jax.enable_x64(True):
+    grid, ours = _ours(case, jnp.float64, "singlestep")
+    out = ours()
+  lam = grid.lambdas
+  outer = np.cumsum([0] + ts.dpm_fast_orders(steps))  # the outer steps' first levels
+  np.testing.assert_allclose(np.diff(lam[outer]), (lam[-1] - lam[0]) / (len(outer) - 1),
+                             rtol=1e-9)
+  orders = dpm_solver.singlestep_orders(steps, 3, True, False)
+  assert max_step_error(out, _reference(case, grid, "singlestep", orders)) <= 1e-10
+
+
 @pytest.mark.parametrize("case", SINGLESTEP, ids=str)
 @pytest.mark.parametrize("float64", [False, True])
 def test_singlestep_matches_diffusers(case, float64):
