@@ -105,7 +105,13 @@ def check_sampler(config: ml_collections.ConfigDict) -> timesteps_lib.Grid | Non
   if s.sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampling.sampler {s.sampler!r}; choose one of {SAMPLERS}.")
   denoiser.check_x0_transform(x0_transform(config))
+  if float(_get(s, "karras_rho", timesteps_lib.KARRAS_RHO)) <= 0:
+    raise ValueError(f"sampling.karras_rho={s.karras_rho} must be > 0 (Karras et al.: 7).")
   if s.sampler == "ancestral":
+    if float(_get(s, "threshold_ratio", 0.0)) > 0:
+      raise ValueError("sampling.threshold_ratio (dynamic thresholding) is not implemented "
+                       "for ancestral; use sampler=respaced with num_steps=T (the same "
+                       "sampler, same keys) or set sampling.threshold_ratio=0.")
     return None
   num_t = int(d.num_timesteps)
   if not 1 <= int(s.num_steps) <= num_t:

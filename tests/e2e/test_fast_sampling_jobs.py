@@ -87,7 +87,14 @@ def test_bad_sampler_settings_name_the_fix():
   config.sampling.spacing = "logsnr"
   with pytest.raises(ValueError, match="needs integer timesteps"):
     sampling.check_sampler(config)
+  config.sampling.sampler, config.sampling.threshold_ratio = "ancestral", 0.99
+  with pytest.raises(ValueError, match="use sampler=respaced with num_steps=T"):
+    sampling.check_sampler(config)
   config.sampling.sampler, config.sampling.spacing = "heun", ""
+  config.sampling.threshold_ratio, config.sampling.karras_rho = 0.0, 0.0
+  with pytest.raises(ValueError, match="karras_rho=0.0 must be > 0"):
+    sampling.check_sampler(config)
+  config.sampling.karras_rho = 7.0
   assert sampling.network_calls(config) == 9  # 2 x 5 - 1 into the noise-free end
   config.sampling.churn = 2.0
   assert "_seed0" in sampling.tag(config) and sampling.tag(config) != "heun5_karras_seed0"
