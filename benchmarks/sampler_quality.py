@@ -28,7 +28,6 @@ from absl import app
 from absl import flags
 import jax
 import ml_collections
-import numpy as np
 
 from benchmarks import harness
 from diffusion_jax import sampling

@@ -228,7 +228,7 @@ def check_grid_timesteps(grid: Grid, schedule: Schedule, model_mean_type: str) -
   if model_mean_type == "mean" and not grid.integer_timesteps:
     raise ValueError("model_mean_type 'mean' predicts the posterior mean of one discrete "
                      "step and works only on integer timesteps; choose an integer spacing "
-                     "(uniform, quad, leading, linspace, trailing).")
+                     "(uniform, even, quad, leading, linspace, trailing).")
 
 
 def network_call(model_fn: ModelFn, schedule: Schedule, grid: Grid, *,
