@@ -154,6 +154,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 256  # Global batch for sampling jobs.
   sampling.shard_size = 1_000  # Images per written shard.
 
+  # --- Inpainting (--mode=inpaint: RePaint with any trained model) -----------------
+  inpaint = config.inpaint = ml_collections.ConfigDict()
+  inpaint.images = ""  # path.npz[:key] or a folder; "" = the first images of data.eval_split
+  # 1 = known: left_half, right_half, top_half, bottom_half, center, channels:1,0,0, or
+  # path.npz[:key] / a folder of mask images (white = known).
+  inpaint.mask = "left_half"
+  inpaint.num_images = 16
+  inpaint.num_completions = 4
+  inpaint.jump_length = 10  # RePaint's resampling: j steps back up ...
+  inpaint.jump_n_sample = 10  # ... r times per block of j steps (1: no resampling)
+  inpaint.batch_size = 16
+
   # --- Evaluation -----------------------------------------------------------------
   eval_config = config.eval = ml_collections.ConfigDict()
   eval_config.use_ema = True

@@ -6,6 +6,7 @@
   eval_fid   the sample job, then FID (and IS) with the JAX Inception
   figures    sample grid, progressive generation, completions, interpolations
   invert     DDIM inversion of images to latents x_T and their reconstructions
+  inpaint    RePaint completions of masked images (any trained model)
 Each job works on any workdir with a checkpoint (EMA parameters by default) and writes a
 JSON summary under `<workdir>/eval/`.
 """
@@ -14,6 +15,7 @@ from diffusion_jax.evaluation import analytic_job
 from diffusion_jax.evaluation import bpd_job
 from diffusion_jax.evaluation import fid_job
 from diffusion_jax.evaluation import figures
+from diffusion_jax.evaluation import inpaint_job
 from diffusion_jax.evaluation import invert_job
 from diffusion_jax.evaluation import sample_job
 
@@ -24,4 +26,5 @@ MODES = {
     "eval_fid": fid_job.evaluate_fid,
     "figures": figures.make_figures,
     "invert": invert_job.invert_images,
+    "inpaint": inpaint_job.inpaint_images,
 }
