@@ -29,6 +29,7 @@ class Rule:
   text: str
   check: Callable[[Any], bool]
   integer: bool = False
+  allow_infinity: bool = False
 
 
 def _at_least(low: int) -> Rule:
@@ -84,6 +85,16 @@ RULES: dict[str, Rule] = {
     "optim.ema_decay": _unit_interval_open_right(),
     "sampling.num_steps": _at_least(1),
     "sampling.eta": _non_negative(),
+    "sampling.threshold_ratio": _unit_interval_open_right(),
+    "sampling.threshold_max": Rule(">= 1", lambda v: v >= 1),
+    "sampling.churn": _non_negative(),
+    "sampling.churn_tmin": _non_negative(),
+    "sampling.churn_tmax": Rule(">= 0 (inf: no upper limit)", lambda v: v >= 0,
+                                allow_infinity=True),
+    "sampling.churn_noise": _positive(),
+    "sampling.karras_rho": _positive(),
+    "sampling.invert_num_images": _at_least(1),
+    "sampling.invert_fixed_point_iterations": _at_least(0),
     "sampling.num_samples": _at_least(1),
     "sampling.batch_size": _at_least(1),
     "sampling.shard_size": _at_least(1),
@@ -101,6 +112,19 @@ RULES: dict[str, Rule] = {
     "eval.figure_rows": _at_least(1),
     "eval.figure_columns": _at_least(3),
     "eval.figure_num_images": _at_least(1),
+    "eval.analytic_num_images": _at_least(2),
+    "eval.analytic_batch_size": _at_least(1),
+    "eval.analytic_t_chunk": _at_least(1),
+    "eval.ode_num_probes": _at_least(1),
+    "eval.ode_max_steps": _at_least(1),
+    "eval.ode_rtol": _positive(),
+    "eval.ode_atol": _positive(),
+    "eval.ode_t_min": Rule("in (0, 1)", lambda v: 0 < v < 1),
+    "eval.fid_reference_num_images": Rule("-1 (the whole split) or an integer >= 2",
+                                          lambda v: v == -1 or v >= 2, integer=True),
+    "eval.kid_subsets": _at_least(1),
+    "eval.kid_subset_size": _at_least(2),
+    "eval.pr_num_images": Rule("an integer >= 0 (0: off)", lambda v: v >= 0, integer=True),
 }
 
 
@@ -124,7 +148,8 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
       continue
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ValueError(f"{path}={value!r} must be a number ({rule.text}).")
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and (math.isnan(value) or (
+        math.isinf(value) and not (rule.allow_infinity and value > 0))):
       raise ValueError(f"{path}={value!r} must be finite and {rule.text}.")
     if rule.integer and float(value) != int(value):
       raise ValueError(f"{path}={value!r} must be {rule.text}.")
