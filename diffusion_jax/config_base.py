@@ -100,6 +100,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Class-conditional networks: the probability of training on the null class instead of
   # the example's label (classifier-free guidance; Ho and Salimans use 0.1 to 0.2).
   training.label_dropout = 0.0
+  # FID during training (0 = off): every fid_every_steps steps, fid_num_samples samples of
+  # the EMA parameters (the same indices each time) from a fast sampler, FID/KID against
+  # reference statistics computed once and cached in the workdir (eval.inception_weights
+  # and eval.fid_references as the FID job), logged to TensorBoard as fid/* and kid/*.
+  training.fid_every_steps = 0
+  training.fid_num_samples = 1_000
+  training.fid_sampler = "dpmpp_2m"
+  training.fid_num_steps = 20
 
   # --- Optimizer ------------------------------------------------------------------
   optim = config.optim = ml_collections.ConfigDict()

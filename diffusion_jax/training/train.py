@@ -142,6 +142,65 @@ def _raise_failed_save(ckpt: checkpointing.Checkpointer) -> None:
       "the cause). Training stopped; rerun the same command to resume once it is fixed.")
 
 
+def _fid_sampling_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with the sampler of FID during training (`training.fid_sampler`)."""
+  fast = ml_collections.ConfigDict(config.to_dict())
+  fast.sampling.sampler = str(config.training.fid_sampler)
+  fast.sampling.num_steps = int(config.training.fid_num_steps)
+  fast.sampling.spacing = ""
+  return fast
+
+
+def _check_training_fid(config: ml_collections.ConfigDict) -> None:
+  """Fails fast when FID during training is on but cannot run (weights, references,
+  sampler)."""
+  if int(config.training.get("fid_every_steps", 0)) <= 0:
+    return
+  from diffusion_jax.evaluation import sample_quality  # pylint: disable=g-import-not-at-top
+  sample_quality.check_inputs(config)
+  sampling.check_sampler(_fid_sampling_config(config))
+
+
+class _TrainingFid:
+  """FID/KID of the EMA parameters during training (`training.fid_every_steps` > 0).
+
+  Samples 0..M-1 of the sampling stream (the same each time) with the fast sampler of
+  `training.fid_sampler` / `fid_num_steps`, scored by `evaluation.sample_quality` against
+  references computed once and cached in the workdir.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, model, schedule,
+               mesh, jit_options):
+    from diffusion_jax.evaluation import sample_quality  # pylint: disable=g-import-not-at-top
+    t = config.training
+    fast = _fid_sampling_config(config)
+    self.every = int(t.fid_every_steps)
+    self.num_samples = int(t.fid_num_samples)
+    self.mesh = mesh
+    self.sample_fn = sampling.make_sample_fn(model, schedule, fast, mesh, jit_options)
+    self.batch = -(-int(config.sampling.batch_size) // mesh.devices.size) * (
+        mesh.devices.size)
+    self.quality = sample_quality.SampleQuality(config, workdir)  # the references, once
+    self.tag = sampling.tag(fast)
+
+  def __call__(self, state, step: int, writer) -> None:
+    start = time.monotonic()
+    images = []
+    for first in range(0, self.num_samples, self.batch):
+      indices = np.arange(first, min(first + self.batch, self.num_samples))
+      images.append(image_grid.to_uint8(sampling.sample_indices(
+          self.sample_fn, state.ema_params, indices, self.mesh)))
+    metrics = self.quality.evaluate(np.concatenate(images))
+    scalars = {f"{name.split('_')[0]}/{name}": float(value)
+               for name, value in metrics.items()
+               if name.startswith(("fid", "kid", "precision", "recall"))
+               and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    writer.write_scalars(step, scalars)
+    logging.info("step %d: %s (%d samples, %s, %.0f s)", step,
+                 ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in sorted(scalars.items())),
+                 self.num_samples, self.tag, time.monotonic() - start)
+
+
 def _with_resolved_kernels(config: ml_collections.ConfigDict,
                            ops) -> ml_collections.ConfigDict:
   """The config as written to config.json: `model.kernels` as resolved for this program."""
@@ -168,6 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   t_cfg = config.training
   mesh = sharding.make_mesh()
   validation.validate_config(config, mesh)
+  _check_training_fid(config)
   checkpointing.check_architecture(workdir, config)
   num_classes = int(config.model.get("num_classes", 0))
   source = sources.load_source(config.data, config.data.train_split, num_classes)
@@ -217,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jit_options=ops.jit_options(), num_classes=num_classes,
       label_dropout=float(config.training.get("label_dropout", 0.0)))
   sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, ops.jit_options())
+  training_fid = (_TrainingFid(config, workdir, model, schedule, mesh, ops.jit_options())
+                  if int(t_cfg.get("fid_every_steps", 0)) > 0 else None)
   num_steps = int(t_cfg.num_train_steps)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   sync_every = 1 if jax.process_count() == 1 else int(t_cfg.log_every_steps)
@@ -255,6 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if step % int(t_cfg.sample_every_steps) == 0 or last:
           _save_samples(sample_fn, state, mesh, int(t_cfg.num_sample_images), step,
                         workdir, writer)
+        if training_fid is not None and step % training_fid.every == 0:
+          training_fid(state, step, writer)
         if stopping:
           logging.warning("Stopped at step %d after a checkpoint; rerun the same command "
                           "to resume.", step)
