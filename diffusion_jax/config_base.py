@@ -158,6 +158,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.invert_source = ""
   sampling.invert_num_images = 64
   sampling.invert_fixed_point_iterations = 2
+  # Class-conditional networks (model.num_classes > 0): the label of sample i
+  # ("balanced": i mod num_classes; "3"; or "0,1,7" in turn) and the classifier-free
+  # guidance scale (0: unconditional, 1: conditional, > 1: guided).
+  sampling.labels = "balanced"
+  sampling.guidance_scale = 1.0
   sampling.num_samples = 50_000
   sampling.batch_size = 256  # Global batch for sampling jobs.
   sampling.shard_size = 1_000  # Images per written shard.

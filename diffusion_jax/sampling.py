@@ -22,6 +22,12 @@ Samplers (`config.sampling.sampler`; `num_steps` is the grid's steps, see
                        optional churn (`diffusion.karras`).
 Network calls per sample: T (ancestral), the grid's steps (respaced, ddim, DPM-Solvers,
 euler), 2 x steps - 1 into a noise-free end (heun); `settings` records it.
+
+Class-conditional networks (`model.num_classes` > 0): sample i has the label
+`sample_labels(config, i)` (`sampling.labels`: "balanced" = i mod N, one class "3", or a
+list "0,1,7" taken in turn), and every sampler uses classifier-free guidance with
+`sampling.guidance_scale` (0: unconditional, 1: conditional, > 1: guided;
+`diffusion.guidance`), both branches in one batched network call per step.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from diffusion_jax import sharding
 from diffusion_jax import streams
 from diffusion_jax.diffusion import denoiser
 from diffusion_jax.diffusion import dpm_solver
+from diffusion_jax.diffusion import guidance
 from diffusion_jax.diffusion import karras
 from diffusion_jax.diffusion import respacing
 from diffusion_jax.diffusion import samplers
@@ -105,6 +112,11 @@ def check_sampler(config: ml_collections.ConfigDict) -> timesteps_lib.Grid | Non
   if s.sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampling.sampler {s.sampler!r}; choose one of {SAMPLERS}.")
   denoiser.check_x0_transform(x0_transform(config))
+  if num_classes(config):
+    label_list(config)
+    if float(_get(s, "guidance_scale", 1.0)) < 0:
+      raise ValueError(f"sampling.guidance_scale={s.guidance_scale} must be >= 0 (0: "
+                       "unconditional, 1: conditional, > 1: guided).")
   if float(_get(s, "karras_rho", timesteps_lib.KARRAS_RHO)) <= 0:
     raise ValueError(f"sampling.karras_rho={s.karras_rho} must be > 0 (Karras et al.: 7).")
   if s.sampler == "ancestral":
@@ -163,14 +175,53 @@ def _churn(config: ml_collections.ConfigDict, grid: timesteps_lib.Grid):
                            float(_get(s, "churn_noise", 1.0)))
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """Classes of a class-conditional network (0: unconditional)."""
+  return int(config.model.get("num_classes", 0))
+
+
+def label_list(config: ml_collections.ConfigDict) -> np.ndarray | None:
+  """The class list of `sampling.labels` (None: balanced over all classes).
+
+  Raises:
+    ValueError: a malformed spec or a class outside [0, num_classes).
+  """
+  spec = str(_get(config.sampling, "labels", "balanced")).strip()
+  if spec in ("", "balanced"):
+    return None
+  try:
+    classes = np.asarray([int(v) for v in spec.split(",")], np.int32)
+  except ValueError:
+    raise ValueError(f"sampling.labels={spec!r}: use 'balanced', one class ('3') or a "
+                     "comma-separated list ('0,1,7').") from None
+  count = num_classes(config)
+  if classes.size == 0 or classes.min() < 0 or classes.max() >= count:
+    raise ValueError(f"sampling.labels={spec!r}: classes must lie in [0, {count}) "
+                     f"(model.num_classes={count}).")
+  return classes
+
+
+def sample_labels(config: ml_collections.ConfigDict, indices) -> jax.Array:
+  """The class label of each sample index ([B] int32): a function of the index only."""
+  indices = jax.numpy.asarray(indices, jax.numpy.int32)
+  classes = label_list(config)
+  if classes is None:
+    return indices % num_classes(config)
+  return jax.numpy.asarray(classes)[indices % classes.size]
+
+
 def network_calls(config: ml_collections.ConfigDict) -> int:
-  """Network evaluations per sample of the configured sampler."""
+  """Network evaluations per sample of the configured sampler (a guided step's batched
+  call on both branches counts as two)."""
   grid = check_sampler(config)
   if grid is None:
-    return int(config.diffusion.num_timesteps)
-  if config.sampling.sampler == "heun":
-    return 2 * grid.num_steps - int(grid.noise_free_end)
-  return grid.num_steps
+    calls = int(config.diffusion.num_timesteps)
+  elif config.sampling.sampler == "heun":
+    calls = 2 * grid.num_steps - int(grid.noise_free_end)
+  else:
+    calls = grid.num_steps
+  scale = float(_get(config.sampling, "guidance_scale", 1.0))
+  return calls * (2 if num_classes(config) and scale not in (0.0, 1.0) else 1)
 
 
 def settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -181,6 +232,9 @@ def settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
          "seed": int(config.seed), "num_timesteps": int(d.num_timesteps),
          "model_mean_type": d.model_mean_type, "model_var_type": d.model_var_type,
          "network_calls": network_calls(config)}
+  if num_classes(config):
+    out.update(labels=str(_get(s, "labels", "balanced")),
+               guidance_scale=float(_get(s, "guidance_scale", 1.0)))
   if s.sampler == "ancestral":
     return out
   out.update(num_steps=int(s.num_steps), spacing=spacing(config),
@@ -218,6 +272,8 @@ def tag(config: ml_collections.ConfigDict) -> str:
     name = f"{s['sampler']}{s['num_steps']}_{s['spacing']}"
   if s.get("eps_from_clipped_x0"):
     name += "_clippedeps"
+  if "guidance_scale" in s:
+    name += f"_cfg{s['guidance_scale']:g}"
   if any(key in s and s[key] != value for key, value in _EXTRA_DEFAULTS.items()):
     digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     name += f"_{digest}"
@@ -281,10 +337,17 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
   """
   run = build_sampler(config, schedule)
   base = streams.stream_key(config.seed, streams.SAMPLE)
+  classes = num_classes(config)
+  scale = float(_get(config.sampling, "guidance_scale", 1.0))
 
   def sample(params, indices):
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)  # [B]
-    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+    if not classes:
+      model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+      return run(model_fn, keys)
+    apply = lambda x, t, y: model.apply({"params": params}, x, t, train=False, y=y)
+    model_fn = guidance.guided_model_fn(apply, sample_labels(config, indices), classes,
+                                        scale, int(config.data.channels))
     return run(model_fn, keys)
 
   return jax.jit(sample, in_shardings=(sharding.replicated(mesh),

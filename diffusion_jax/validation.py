@@ -88,6 +88,7 @@ RULES: dict[str, Rule] = {
     "optim.ema_decay": _unit_interval_open_right(),
     "sampling.num_steps": _at_least(1),
     "sampling.eta": _non_negative(),
+    "sampling.guidance_scale": _non_negative(),
     "sampling.threshold_ratio": _unit_interval_open_right(),
     "sampling.threshold_max": Rule(">= 1", lambda v: v >= 1),
     "sampling.churn": _non_negative(),

@@ -50,6 +50,7 @@ BAD = {
     "optim.ema_decay": ([1.0, -0.5], 0.0),
     "sampling.num_steps": ([0], 1),
     "sampling.eta": ([-0.5], 1.0),
+    "sampling.guidance_scale": ([-1.0], 3.0),
     "sampling.threshold_ratio": ([-0.1, 1.0], 0.995),
     "sampling.threshold_max": ([0.5, 0.0], 1.5),
     "sampling.churn": ([-1.0], 40.0),
