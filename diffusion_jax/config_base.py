@@ -161,6 +161,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Class-conditional networks (model.num_classes > 0): the label of sample i
   # ("balanced": i mod num_classes; "3"; or "0,1,7" in turn) and the classifier-free
   # guidance scale (0: unconditional, 1: conditional, > 1: guided).
+  # Reverse variances of ancestral / respaced: "model" (diffusion.model_var_type) or
+  # "analytic" (Analytic-DPM from Gamma_t: run --mode=eval_analytic first).
+  sampling.variance = "model"
   sampling.labels = "balanced"
   sampling.guidance_scale = 1.0
   sampling.num_samples = 50_000

@@ -23,6 +23,12 @@ Samplers (`config.sampling.sampler`; `num_steps` is the grid's steps, see
 Network calls per sample: T (ancestral), the grid's steps (respaced, ddim, DPM-Solvers,
 euler), 2 x steps - 1 into a noise-free end (heun); `settings` records it.
 
+Reverse variances of the ancestral samplers (`sampling.variance`): "model" (the
+network's `diffusion.model_var_type`) or "analytic" (Analytic-DPM, Bao et al. 2022: the
+optimal variances of the chain from the model's Gamma_t, computed once by
+`--mode=eval_analytic`; for ancestral, over all T steps, and respaced). The caller passes
+them (`analytic_variances`).
+
 Class-conditional networks (`model.num_classes` > 0): sample i has the label
 `sample_labels(config, i)` (`sampling.labels`: "balanced" = i mod N, one class "3", or a
 list "0,1,7" taken in turn), and every sampler uses classifier-free guidance with
@@ -59,6 +65,7 @@ DPM_SAMPLERS = {  # name: (order, algorithm, method)
     for prefix, algorithm in (("dpmpp", "dpmsolver++"), ("dpm", "dpmsolver"))
     for order in (2, 3) for m, method in (("m", "multistep"), ("s", "singlestep"))}
 SAMPLERS = ("ancestral", "respaced", "ddim", *sorted(DPM_SAMPLERS), "euler", "heun")
+VARIANCES = ("model", "analytic")
 DEFAULT_SPACING = {"respaced": "even", "ddim": "uniform", "euler": "karras",
                    "heun": "karras", **{name: "logsnr" for name in DPM_SAMPLERS}}
 # Settings shown in a sample set's name only when they differ from these defaults.
@@ -112,6 +119,12 @@ def check_sampler(config: ml_collections.ConfigDict) -> timesteps_lib.Grid | Non
   if s.sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampling.sampler {s.sampler!r}; choose one of {SAMPLERS}.")
   denoiser.check_x0_transform(x0_transform(config))
+  variance = str(_get(s, "variance", "model"))
+  if variance not in VARIANCES:
+    raise ValueError(f"Unknown sampling.variance {variance!r}; choose one of {VARIANCES}.")
+  if variance == "analytic" and s.sampler not in ("ancestral", "respaced"):
+    raise ValueError("sampling.variance=analytic is for the ancestral samplers: use "
+                     "sampler=ancestral or respaced (or variance=model).")
   if num_classes(config):
     label_list(config)
     if float(_get(s, "guidance_scale", 1.0)) < 0:
@@ -235,6 +248,8 @@ def settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   if num_classes(config):
     out.update(labels=str(_get(s, "labels", "balanced")),
                guidance_scale=float(_get(s, "guidance_scale", 1.0)))
+  if str(_get(s, "variance", "model")) != "model":
+    out["variance"] = str(s.variance)
   if s.sampler == "ancestral":
     return out
   out.update(num_steps=int(s.num_steps), spacing=spacing(config),
@@ -274,22 +289,55 @@ def tag(config: ml_collections.ConfigDict) -> str:
     name += "_clippedeps"
   if "guidance_scale" in s:
     name += f"_cfg{s['guidance_scale']:g}"
+  if "variance" in s:
+    name += f"_{s['variance']}"
   if any(key in s and s[key] != value for key, value in _EXTRA_DEFAULTS.items()):
     digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     name += f"_{digest}"
   return f"{name}_seed{s['seed']}"
 
 
-def build_sampler(config: ml_collections.ConfigDict,
-                  schedule: Schedule) -> Callable[[Callable, jax.Array], jax.Array]:
+def chain_timesteps(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The increasing timesteps of an ancestral sampler's chain: all T (ancestral) or the
+  respaced grid's."""
+  grid = check_sampler(config)
+  if grid is None:
+    return np.arange(int(config.diffusion.num_timesteps), dtype=np.int64)
+  return np.asarray(grid.timesteps[::-1], np.int64)
+
+
+def build_sampler(config: ml_collections.ConfigDict, schedule: Schedule,
+                  analytic_variances: np.ndarray | None = None
+                  ) -> Callable[[Callable, jax.Array], jax.Array]:
   """`run(model_fn, keys [B]) -> [B, H, W, C]`: the configured sampler (trace inside jit).
 
   Args:
     config: the experiment config (`sampling`, `diffusion`, `data`).
     schedule: the diffusion's coefficients (the compute dtype).
+    analytic_variances: with `sampling.variance=analytic`, the [K] reverse variances of
+      the chain `chain_timesteps(config)` (e.g. `evaluation.analytic_job
+      .chain_variances(...)["variance"]`).
+
+  Raises:
+    ValueError: analytic variances asked for and not given (or of the wrong length).
   """
   grid = check_sampler(config)
   s, d = config.sampling, config.diffusion
+  if str(_get(s, "variance", "model")) == "analytic":
+    steps = chain_timesteps(config)
+    if analytic_variances is None or np.shape(analytic_variances) != steps.shape:
+      raise ValueError(
+          f"sampling.variance=analytic needs the chain's {steps.size} Analytic-DPM "
+          "variances from Gamma_t: compute Gamma with --mode=eval_analytic first (the "
+          "sampling and FID jobs then read it from the workdir).")
+    shape = (int(config.data.image_size), int(config.data.image_size),
+             int(config.data.channels))
+    spaced = respacing.respace(betas_of(config), steps, schedule.dtype)
+    variances = np.asarray(analytic_variances, np.float64)
+    return lambda model_fn, keys: respacing.sample(
+        model_fn, schedule, spaced, keys, shape, model_mean_type=d.model_mean_type,
+        model_var_type=d.model_var_type, transform=x0_transform(config),
+        variances=variances)
   shape = (int(config.data.image_size), int(config.data.image_size),
            int(config.data.channels))
   types = dict(model_mean_type=d.model_mean_type, model_var_type=d.model_var_type)
@@ -322,7 +370,8 @@ def build_sampler(config: ml_collections.ConfigDict,
 
 
 def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
-                   mesh: jax.sharding.Mesh, jit_options: dict | None = None) -> Callable:
+                   mesh: jax.sharding.Mesh, jit_options: dict | None = None,
+                   analytic_variances: np.ndarray | None = None) -> Callable:
   """Returns the compiled `sample(params, indices [B] int32) -> [B, H, W, C]` in [-1, 1].
 
   Args:
@@ -332,10 +381,11 @@ def make_sample_fn(model, schedule: Schedule, config: ml_collections.ConfigDict,
     mesh: the data-parallel mesh; B must divide by its device count (`sample_indices`
       pads any B).
     jit_options: compiler options of the program (`Ops.jit_options()`).
+    analytic_variances: see `build_sampler`.
 
   The indices are split over the mesh; the images come back replicated.
   """
-  run = build_sampler(config, schedule)
+  run = build_sampler(config, schedule, analytic_variances)
   base = streams.stream_key(config.seed, streams.SAMPLE)
   classes = num_classes(config)
   scale = float(_get(config.sampling, "guidance_scale", 1.0))

@@ -23,6 +23,7 @@ the variances of any respaced chain (what `sampling.variance=analytic` needs).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -208,3 +209,20 @@ def chain_variances(config: ml_collections.ConfigDict, gamma: np.ndarray,
   """The clipped optimal variances [K] (and bounds) of the chain `timesteps`."""
   chain = analytic_dpm.chain_coefficients(alphas_cumprod_f64(config), timesteps)
   return analytic_dpm.optimal_variance(chain, gamma)
+
+
+def sampler_variances(config: ml_collections.ConfigDict, workdir: str, step: int,
+                      params_kind: str) -> tuple[np.ndarray | None, str | None]:
+  """(variances [K], digest of Gamma) for `sampling.variance=analytic`, else (None, None).
+
+  The variances are those of the sampler's chain (`sampling.chain_timesteps`) from the
+  stored Gamma of checkpoint `step`; the digest goes into a sample set's manifest.
+  """
+  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+  if str(config.sampling.get("variance", "model")) != "analytic":
+    return None, None
+  gamma = load_gamma(config, workdir, step, params_kind)
+  variances = chain_variances(config, gamma["gamma"],
+                              sampling.chain_timesteps(config))["variance"]
+  digest = hashlib.sha1(np.asarray(gamma["gamma"], np.float64).tobytes()).hexdigest()[:12]
+  return np.asarray(variances, np.float64), digest

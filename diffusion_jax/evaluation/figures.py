@@ -34,6 +34,7 @@ from diffusion_jax import sharding
 from diffusion_jax import streams
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.diffusion import samplers
+from diffusion_jax.evaluation import analytic_job
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
 
@@ -87,8 +88,10 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
   files: Dict[str, str] = {}
 
   # Sample grid: samples 0..n-1 of the sample job.
+  variances, _ = analytic_job.sampler_variances(config, workdir, eval_model.step,
+                                                eval_model.params_kind)
   sample_fn = sampling.make_sample_fn(eval_model.model, schedule, config, mesh,
-                                      eval_model.jit_options())
+                                      eval_model.jit_options(), variances)
   grid = sampling.sample_indices(sample_fn, params, np.arange(settings["num_images"]), mesh)
   files["samples"] = _save(directory, "samples.png", grid, cols)
 

@@ -35,6 +35,7 @@ from diffusion_jax import image_grid
 from diffusion_jax import progress
 from diffusion_jax import sampling
 from diffusion_jax import sharding
+from diffusion_jax.evaluation import analytic_job
 from diffusion_jax.evaluation import restore
 from diffusion_jax.evaluation import results
 
@@ -58,11 +59,16 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   sharding.check_batch_divisible(batch, eval_model.mesh, "sampling.batch_size")
   directory = os.path.join(workdir, SAMPLES_DIR, sample_tag(config, eval_model.step))
   image_shape = [int(config.data.image_size)] * 2 + [int(config.data.channels)]
-  results.check_manifest(directory, {
-      **sampling.settings(config), "step": eval_model.step, "params": eval_model.params_kind,
-      "shard_size": shard_size, "image_shape": image_shape})
+  variances, gamma_digest = analytic_job.sampler_variances(
+      config, workdir, eval_model.step, eval_model.params_kind)
+  manifest = {**sampling.settings(config), "step": eval_model.step,
+              "params": eval_model.params_kind, "shard_size": shard_size,
+              "image_shape": image_shape}
+  if gamma_digest is not None:
+    manifest["analytic_gamma"] = gamma_digest
+  results.check_manifest(directory, manifest)
   sample_fn = sampling.make_sample_fn(eval_model.model, eval_model.schedule, config,
-                                      eval_model.mesh, eval_model.jit_options())
+                                      eval_model.mesh, eval_model.jit_options(), variances)
   num_shards = -(-num // shard_size)
   start, made = time.time(), 0
   for k in range(num_shards):

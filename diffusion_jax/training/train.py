@@ -142,9 +142,19 @@ def _raise_failed_save(ckpt: checkpointing.Checkpointer) -> None:
       "the cause). Training stopped; rerun the same command to resume once it is fixed.")
 
 
+def _grid_sampling_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the training sample grids: the model's own reverse variances (the
+  Analytic-DPM ones need Gamma of a finished checkpoint)."""
+  if str(config.sampling.get("variance", "model")) == "model":
+    return config
+  grid = ml_collections.ConfigDict(config.to_dict())
+  grid.sampling.variance = "model"
+  return grid
+
+
 def _fid_sampling_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config with the sampler of FID during training (`training.fid_sampler`)."""
-  fast = ml_collections.ConfigDict(config.to_dict())
+  fast = ml_collections.ConfigDict(_grid_sampling_config(config).to_dict())
   fast.sampling.sampler = str(config.training.fid_sampler)
   fast.sampling.num_steps = int(config.training.fid_num_steps)
   fast.sampling.spacing = ""
@@ -276,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
       jit_options=ops.jit_options(), num_classes=num_classes,
       label_dropout=float(config.training.get("label_dropout", 0.0)))
-  sample_fn = sampling.make_sample_fn(model, schedule, config, mesh, ops.jit_options())
+  sample_fn = sampling.make_sample_fn(model, schedule, _grid_sampling_config(config), mesh,
+                                      ops.jit_options())
   training_fid = (_TrainingFid(config, workdir, model, schedule, mesh, ops.jit_options())
                   if int(t_cfg.get("fid_every_steps", 0)) > 0 else None)
   num_steps = int(t_cfg.num_train_steps)
