@@ -130,11 +130,6 @@ def main(argv):
   print("samples per predicted class:", counts.tolist())
 
 
-if __name__ == "__main__":
-  jax.config.config_with_absl()
-  app.run(main)
-
-
 def _score_classes(config, mesh, ops, params, step, classifier, accuracy) -> int:
   """A class-conditional run: accuracy at the requested class per guidance scale."""
   num = FLAGS.num_samples - FLAGS.num_samples % 10
@@ -168,3 +163,8 @@ def _score_classes(config, mesh, ops, params, step, classifier, accuracy) -> int
   print(f"target >= {FLAGS.class_target:.0%} at the requested class with guidance: "
         f"{'met' if ok else 'NOT met'}")
   return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

@@ -18,7 +18,6 @@ weights (benchmarks/peers.py). A train step counts as three forwards.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax
@@ -30,26 +29,14 @@ from benchmarks import peers
 from diffusion_jax import models
 from diffusion_jax import ops as ops_lib
 from diffusion_jax import sharding
-from diffusion_jax import streams
 from diffusion_jax.backends.cpu import host_memory
-from diffusion_jax.training import optimizer
 from diffusion_jax.training import run_setup
-from diffusion_jax.training import train_step as train_step_lib
 
 
 def build_ours(config, mesh, ops: ops_lib.Ops):
   """Returns the jitted train step computing with `ops` and a fresh state (replicated
   over `mesh`), as training builds them."""
-  model = run_setup.build_model(config, ops)
-  schedule = run_setup.build_schedule(config)
-  step = train_step_lib.make_train_step(
-      train_step_lib.make_loss_fn(model, schedule, config.diffusion),
-      run_setup.build_optimizer(config),
-      num_timesteps=int(config.diffusion.num_timesteps),
-      ema_decay=float(config.optim.ema_decay),
-      base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
-      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
-      jit_options=ops.jit_options())
+  step = run_setup.build_train_step(config, mesh, ops)
   state = run_setup.init_train_state(config, mesh)
   return step, state
 

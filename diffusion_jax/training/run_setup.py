@@ -9,6 +9,7 @@ Keys come from the table of `diffusion_jax.streams`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from diffusion_jax import streams
 from diffusion_jax.diffusion import schedules
 from diffusion_jax.training import optimizer
 from diffusion_jax.training import train_state as train_state_lib
+from diffusion_jax.training import train_step as train_step_lib
 
 PyTree = Any
 
@@ -49,6 +51,22 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Returns the optimizer of `config.optim`."""
   return optimizer.make_optimizer(config.optim)
+
+
+def build_train_step(config: ml_collections.ConfigDict, mesh: Mesh, ops: ops_lib.Ops,
+                     donate: bool = True):
+  """The run's compiled update (`train_step.make_train_step`) with the config's model,
+  schedule, optimizer, key stream, classes and label dropout, computing with `ops`."""
+  model = build_model(config, ops)
+  return train_step_lib.make_train_step(
+      train_step_lib.make_loss_fn(model, build_schedule(config), config.diffusion),
+      build_optimizer(config), num_timesteps=int(config.diffusion.num_timesteps),
+      ema_decay=float(config.optim.ema_decay),
+      base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
+      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
+      donate=donate, jit_options=ops.jit_options(),
+      num_classes=int(config.model.get("num_classes", 0)),
+      label_dropout=float(config.training.get("label_dropout", 0.0)))
 
 
 def init_train_state(config: ml_collections.ConfigDict,

@@ -19,7 +19,6 @@ the step.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
@@ -38,15 +37,12 @@ import numpy as np
 from diffusion_jax import image_grid
 from diffusion_jax import sampling
 from diffusion_jax import sharding
-from diffusion_jax import streams
 from diffusion_jax import validation
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.training import checkpointing
-from diffusion_jax.training import optimizer
 from diffusion_jax.training import run_setup
 from diffusion_jax.training import train_state as train_state_lib
-from diffusion_jax.training import train_step as train_step_lib
 
 SAMPLES_DIR = "samples"
 
@@ -277,15 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.warning("model.remat=True saves no memory on CPU: XLA:CPU merges the "
                     "recomputed blocks back into the forward pass. It acts on GPU and TPU.")
   schedule = run_setup.build_schedule(config)
-  train_step = train_step_lib.make_train_step(
-      train_step_lib.make_loss_fn(model, schedule, config.diffusion),
-      run_setup.build_optimizer(config),
-      num_timesteps=int(config.diffusion.num_timesteps),
-      ema_decay=float(config.optim.ema_decay),
-      base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
-      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
-      jit_options=ops.jit_options(), num_classes=num_classes,
-      label_dropout=float(config.training.get("label_dropout", 0.0)))
+  train_step = run_setup.build_train_step(config, mesh, ops)
   sample_fn = sampling.make_sample_fn(model, schedule, _grid_sampling_config(config), mesh,
                                       ops.jit_options())
   training_fid = (_TrainingFid(config, workdir, model, schedule, mesh, ops.jit_options())

@@ -1,7 +1,6 @@
 """The compiled data-parallel update: sharding invariance under the kernel policy, the
 operations it lowers to, loss wiring, NaN guard."""
 
-import functools
 import re
 
 import jax
@@ -11,7 +10,6 @@ import pytest
 
 from diffusion_jax import sharding
 from diffusion_jax import streams
-from diffusion_jax.training import optimizer
 from diffusion_jax.training import run_setup
 from diffusion_jax.training import train_state as train_state_lib
 from diffusion_jax.training import train_step as train_step_lib
@@ -43,15 +41,8 @@ def _images(seed, n=16, size=8):
 def _build(config, mesh, donate=True):
   ops = run_setup.build_ops(config, mesh)
   model = run_setup.build_model(config, ops)
-  schedule = run_setup.build_schedule(config)
-  tx = run_setup.build_optimizer(config)
-  step = train_step_lib.make_train_step(
-      train_step_lib.make_loss_fn(model, schedule, config.diffusion), tx,
-      num_timesteps=config.diffusion.num_timesteps, ema_decay=config.optim.ema_decay,
-      base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
-      learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
-      donate=donate, jit_options=ops.jit_options())
-  return model, schedule, step
+  step = run_setup.build_train_step(config, mesh, ops, donate=donate)
+  return model, run_setup.build_schedule(config), step
 
 
 def _run(config, mesh, step, num_steps=2):
@@ -199,3 +190,34 @@ def test_donated_step_updates_the_state_in_place_without_copies(built8):
   select_hlo = jax.jit(select_update, donate_argnums=(0,)).lower(state, grads).compile()
   leaves = len(jax.tree_util.tree_leaves(state.params))
   assert _copied_entry_parameters(select_hlo.as_text()) >= leaves
+
+
+def test_class_conditional_step_uses_the_labels_and_drops_them_at_the_rate():
+  """A conditional network (digits, 10 classes + the null class 10): the update trains
+  exactly the class-embedding rows of the labels it saw (3, and the null class through
+  label dropout), and is the same on 1 and 8 devices."""
+  config = training_testlib.digits_smoke("--config.model.num_classes=10",
+                                         "--config.training.label_dropout=0.5")
+  labels = jnp.full((16,), 3, jnp.int32)
+  states = {}
+  for name, mesh in (("8", sharding.make_mesh()), ("1", sharding.make_mesh(jax.devices()[:1]))):
+    _, _, step = _build(config, mesh)
+    state = run_setup.init_train_state(config, mesh)
+    before = np.asarray(jax.device_get(state.params["class_embed"]))
+    for i in range(2):  # the first update has learning rate 0 (warmup)
+      state, metrics = step(state, jax.device_put(_images(i), sharding.batch_sharding(mesh)),
+                            jax.device_put(labels, sharding.batch_sharding(mesh)))
+      assert bool(jax.device_get(metrics)["finite"])
+    states[name] = jax.device_get(state)
+  after = np.asarray(states["8"].params["class_embed"])
+  changed = np.flatnonzero(np.any(after != before, axis=1))
+  np.testing.assert_array_equal(changed, [3, 10])
+  for x8, x1 in zip(jax.tree_util.tree_leaves(states["8"].params),
+                    jax.tree_util.tree_leaves(states["1"].params)):
+    np.testing.assert_allclose(x8, x1, rtol=1e-5, atol=1e-6)
+  keys = train_step_lib.example_keys(jax.random.key(0), 20_000)
+  dropped = train_step_lib.drop_labels(keys, jnp.zeros(20_000, jnp.int32), 0.2, 10)
+  assert set(np.unique(np.asarray(dropped))) == {0, 10}
+  assert abs(float(np.mean(np.asarray(dropped) == 10)) - 0.2) < 0.02
+  np.testing.assert_array_equal(
+      dropped, train_step_lib.drop_labels(keys, jnp.zeros(20_000, jnp.int32), 0.2, 10))
