@@ -13,7 +13,9 @@ The other figures are the paper's, with its ancestral sampler over all T steps:
   lambda in [0, 1] and decoded; each row is x_a, the mixes, x_b.
 * `interpolation_coarse_to_fine.png` (Fig. 9): one pair, one row per t in T *
   `eval.figure_t_fractions`.
-Every program is one compiled sampler call; keys are
+A class-conditional network draws every figure of one class (the first of
+`sampling.labels`; "balanced": class 0) with `sampling.guidance_scale`; the sample grid
+follows `sampling.labels` per sample. Every program is one compiled sampler call; keys are
 `fold_in(key(seed), streams.FIGURE)` folded with the row index. Settings (defaults): eval.figure_rows (4), eval.figure_columns
 (8), eval.figure_t_fractions ((1.0, 0.75, 0.5, 0.25)), eval.figure_num_images (64).
 """
@@ -84,7 +86,15 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
   rows, cols = settings["rows"], settings["columns"]
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(rows))  # [rows]
   directory = os.path.join(workdir, FIGURES_DIR, f"step{eval_model.step}")
-  params, model_fn = eval_model.params, eval_model.model_fn
+  params = eval_model.params
+  # A class-conditional network draws the figures of one class: the first of
+  # sampling.labels ("balanced": class 0), with the configured guidance.
+  label = None
+  if sampling.num_classes(config):
+    classes = sampling.label_list(config)
+    label = 0 if classes is None else int(classes[0])
+  model_fn = lambda p: eval_model.model_fn(
+      p, label, float(config.sampling.get("guidance_scale", 1.0)))
   files: Dict[str, str] = {}
 
   # Sample grid: samples 0..n-1 of the sample job.

@@ -17,12 +17,14 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 
 from diffusion_jax import ops as ops_lib
 from diffusion_jax import sharding
 from diffusion_jax import validation
+from diffusion_jax.diffusion import guidance
 from diffusion_jax.diffusion.schedules import Schedule
 from diffusion_jax.training import params_checkpoint
 from diffusion_jax.training import run_setup
@@ -51,9 +53,25 @@ class EvalModel:
   mesh: Mesh
   ops: ops_lib.Ops
 
-  def model_fn(self, params: PyTree) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Returns `model_fn(x_t, t)` of `params` (deterministic: no dropout)."""
-    return lambda x, t: self.model.apply({"params": params}, x, t, train=False)
+  def model_fn(self, params: PyTree, label: int | None = None, guidance_scale: float = 1.0
+               ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Returns `model_fn(x_t, t)` of `params` (deterministic: no dropout).
+
+    For a class-conditional network every example gets `label` (None: the null class,
+    i.e. the unconditional model), with classifier-free guidance `guidance_scale`.
+    """
+    classes = self.model.config.num_classes
+    if not classes:
+      return lambda x, t: self.model.apply({"params": params}, x, t, train=False)
+    apply = lambda x, t, y: self.model.apply({"params": params}, x, t, train=False, y=y)
+    value = classes if label is None else int(label)
+
+    def model_fn(x, t):
+      labels = jnp.full((x.shape[0],), value, jnp.int32)
+      return guidance.guided_model_fn(apply, labels, classes, guidance_scale,
+                                      self.model.config.in_channels)(x, t)
+
+    return model_fn
 
   def jit_options(self) -> dict | None:
     """Compiler options of the job's programs (`Ops.jit_options`)."""

@@ -181,3 +181,25 @@ def test_a_class_conditional_unet_samples_each_requested_class():
   assert out.shape == (4, 8, 8, 1) and np.all(np.isfinite(out))
   # Samples 0 and 2 have class 0, 1 and 3 class 1; same class, other noise.
   assert not np.allclose(out[0], out[1])
+
+
+def test_the_evaluation_jobs_model_function_guides_a_constant_label():
+  """`EvalModel.model_fn(params, label, scale)`: the jobs that call the network directly
+  (figures, bits/dim, inversion) get the guided combination for one label."""
+  from diffusion_jax import ops  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
+  config = _config(size=8, classes=3)
+  config.model.ch, config.model.ch_mult = 16, (1,)
+  config.model.attn_resolutions, config.model.num_groups = (), 4
+  unet_config = models.unet_config_from(config)
+  params = models.init_params(unet_config, jax.random.key(1))
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # a non-zero output layer
+  model = models.UNet(unet_config)
+  eval_model = restore.EvalModel(params=params, step=0, params_kind="ema", model=model,
+                                 schedule=None, mesh=None, ops=ops.XLA)
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 1))
+  t = jnp.array([10, 500], jnp.int32)
+  out = lambda y: model.apply({"params": params}, x, t, y=jnp.full((2,), y, jnp.int32))
+  np.testing.assert_allclose(eval_model.model_fn(params, 1, 2.5)(x, t),
+                             out(3) + 2.5 * (out(1) - out(3)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(eval_model.model_fn(params)(x, t), out(3))  # unconditional
