@@ -29,10 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno as errno_lib
 import json
-import logging as py_logging
 import os
-import re
-import sys
 import time
 from typing import Any
 
@@ -44,8 +41,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from diffusion_jax.training import digests as digests_lib
+from diffusion_jax.training import write_failures
 
 PyTree = Any
+CheckpointWriteError = write_failures.CheckpointWriteError
 CHECKPOINT_DIR = "checkpoints"
 SNAPSHOT_DIR = "snapshots"
 UNREADABLE_DIR = "unreadable_checkpoints"
@@ -152,79 +151,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   tmp.replace(root / CONFIG_FILE)
 
 
-class CheckpointWriteError(OSError):
-  """A checkpoint could not be written (the message names the path, errno and what is
-  kept)."""
-
-  def __init__(self, message: str, errno: int | None = None, path: str | None = None):
-    super().__init__(message)
-    self.message, self.errno, self.filename = message, errno, path
-
-  def __str__(self) -> str:
-    return self.message
-
-
-class _WriterLogFilter(py_logging.Filter):
-  """Drops the tracebacks that orbax's writer threads log when a save fails (also after
-  the save call has returned): the Checkpointer raises the failure once, with its cause,
-  and reports unreadable checkpoints itself."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return not (record.levelno >= py_logging.ERROR and
-                f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-def _quiet_writer_errors() -> None:
-  """Installs `_WriterLogFilter` on absl's logger (once per process)."""
-  logger = py_logging.getLogger("absl")
-  if not any(isinstance(f, _WriterLogFilter) for f in logger.filters):
-    logger.addFilter(_WriterLogFilter())
-
-
-def _drop_closed_loop_callbacks() -> None:
-  """Keeps the writer's late callbacks quiet after a failed save.
-
-  When a write fails, orbax's event loop closes while tensorstore still completes the
-  other writes; each completion then reports "Event loop is closed" through
-  `sys.unraisablehook` (hundreds of tracebacks around the one line that matters). Those
-  exact reports are dropped; everything else reaches the previous hook.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "_drops_closed_loop_callbacks", False):
-    return
-
-  def hook(unraisable):
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
-
-
-def _write_failure(error: BaseException, directory: str) -> tuple[str, int | None, str]:
-  """(path, errno, cause) of a failed write, from the exception chain.
-
-  tensorstore reports its file errors as text ('Failed writing: "<path>": ... [os_error_
-  code='27']'); Python's OSError carries them as attributes.
-  """
-  chain, seen = [], error
-  while seen is not None and len(chain) < 16:
-    chain.append(seen)
-    seen = seen.__cause__ or seen.__context__
-  for e in chain:
-    if isinstance(e, OSError) and e.errno is not None:
-      return (e.filename or directory, e.errno, e.strerror or os.strerror(e.errno))
-  text = " ".join(str(e) for e in chain)
-  code = re.search(r"os_error_code='?(\d+)", text)
-  path = (re.search(r'Failed (?:writing|to write|opening|creating|renaming)\w*:? "([^"]+)"',
-                    text) or re.search(r'local file "([^"]+)"', text))
-  number = int(code.group(1)) if code else None
-  cause = os.strerror(number) if number else (str(error).splitlines() or ["unknown"])[0]
-  return (path.group(1) if path else directory), number, cause
-
-
 class Checkpointer:
   """Preemption checkpoints and kept snapshots of one workdir, verified restore.
 
@@ -260,8 +186,7 @@ class Checkpointer:
     self._pending: concurrent.futures.Future | None = None
     self._failure: CheckpointWriteError | None = None
     self.restored_from: tuple[int, str] | None = None  # (step, directory) of `restore`
-    _drop_closed_loop_callbacks()
-    _quiet_writer_errors()
+    write_failures.quiet_writer_errors()
 
   def latest_step(self) -> int | None:
     """Returns the newest step over both directories, or None."""
@@ -323,14 +248,14 @@ class Checkpointer:
                         error: BaseException) -> CheckpointWriteError:
     failed = next(sub for sub in subs if sub not in done)
     directory = os.path.join(self.workdir, failed, str(step))
-    path, number, cause = _write_failure(error, directory)
+    path, number, cause = write_failures.describe(error, directory)
     kept = [f"{sub}/{step}" for sub in done]
     newest = self._newest_committed(exclude=step)
     if newest is not None:
       kept.append(f"step {newest[0]} ({newest[1]}/{newest[0]})")
     errno_text = (f"[Errno {number}: {errno_lib.errorcode.get(number, number)}] "
                   if number else "")
-    return CheckpointWriteError(
+    return write_failures.CheckpointWriteError(
         f"Saving the checkpoint of step {step} failed: writing {path}: "
         f"{errno_text}{cause}. Training stopped; kept: "
         f"{', '.join(kept) if kept else 'no checkpoint of this run yet'}. Free space (or "

@@ -11,8 +11,8 @@
   (2011), and the dropout mask it gives the elements of a global index range (element g:
   counter (g // 4 as two 32-bit words, 0, 0), word g % 4, kept iff the word is below
   keep * 2^32).
-- The one- and eight-device meshes of this session (tests/conftest.py makes 8 fake CPU
-  devices).
+- The one- and eight-device meshes of the test session (tests/conftest.py makes 8 fake
+  CPU devices).
 """
 
 import jax
