@@ -70,8 +70,9 @@ DEFAULT_SPACING = {"respaced": "even", "ddim": "uniform", "euler": "karras",
                    "heun": "karras", **{name: "logsnr" for name in DPM_SAMPLERS}}
 # Settings shown in a sample set's name only when they differ from these defaults.
 _EXTRA_DEFAULTS = {"final_step": "zero", "denoise_to_zero": False, "clip_denoised": True,
-                   "threshold_ratio": 0.0, "solver_type": "midpoint",
-                   "lower_order_final": True, "churn": 0.0, "karras_rho": 7.0}
+                   "threshold_ratio": 0.0, "threshold_max": 1.0, "solver_type": "midpoint",
+                   "lower_order_final": True, "churn": 0.0, "karras_rho": 7.0,
+                   "labels": "balanced"}
 
 
 def _get(s: ml_collections.ConfigDict, name: str, default):

@@ -78,10 +78,11 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh | NamedSharding,
                      (jax.process_count(), f"{jax.process_count()} processes")):
     if global_batch_size < 1 or global_batch_size % count:
       good = max(count, -(-global_batch_size // count) * count)
+      fix = f"--config.{what}={good}" if "." in what and " " not in what else str(good)
       raise ValueError(
           f"{what}={global_batch_size} must be a positive multiple of the {who} "
           f"({jax.device_count()} device(s) in {jax.process_count()} process(es)); use "
-          f"e.g. --config.{what}={good}.")
+          f"e.g. {fix}.")
   return global_batch_size // parts
 
 

@@ -224,7 +224,7 @@ def create_eval_iterator(
     An `EvalIterator` (len() = number of batches; `.num_images`).
   """
   sharding = sharding_lib.batch_sharding(sharding)
-  sharding_lib.check_batch_divisible(global_batch_size, sharding, "batch size")
+  sharding_lib.check_batch_divisible(global_batch_size, sharding, "the eval batch size")
   source = sources.load_source(data_config, split)
   image_shape = (data_config.image_size, data_config.image_size, data_config.channels)
   rows = sharding_lib.addressable_rows(sharding, (global_batch_size, *image_shape))

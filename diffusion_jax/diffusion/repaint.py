@@ -36,10 +36,12 @@ def repaint_schedule(num_timesteps: int, jump_length: int = 10,
                      jump_n_sample: int = 10) -> np.ndarray:
   """The levels the chain visits, from T down to 0, with the resampling jumps.
 
-  Going down from level T, after every `jump_length` levels the chain goes back up
-  `jump_length` levels and down again, `jump_n_sample - 1` times, then continues. No
-  jumps start from the top block (the first `jump_length` levels below T) or reach
-  above T. `jump_n_sample = 1` is plain replacement (no resampling).
+  Going down from level T, on reaching level k j + 1 (k = 0, 1, ..., below the top
+  block of `jump_length` levels) the chain goes back up `jump_length` levels and down
+  again, `jump_n_sample - 1` times, then continues: Lugmayr et al.'s schedule (their
+  timestep t is level t + 1 here), so the last jumps start from x_1, never from the
+  finished x_0, and none reaches above T. `jump_n_sample = 1` is plain replacement (no
+  resampling).
 
   Args:
     num_timesteps: T.
@@ -57,7 +59,7 @@ def repaint_schedule(num_timesteps: int, jump_length: int = 10,
   level = num_timesteps
   remaining = {}  # level -> jumps still to make from it
   for start in range(0, num_timesteps - jump_length, jump_length):
-    remaining[start] = jump_n_sample - 1
+    remaining[start + 1] = jump_n_sample - 1
   while level > 0:
     level -= 1
     levels.append(level)

@@ -190,7 +190,7 @@ def load_gamma(config: ml_collections.ConfigDict, workdir: str, step: int,
         f"The analytic variances need Gamma of checkpoint step {step} ({path} is missing). "
         f"Compute it first with `python -m diffusion_jax.main --mode=eval_analytic "
         f"--config ... --workdir {workdir}` (same --config overrides), or leave "
-        f"eval.bpd_analytic False.")
+        f"eval.bpd_analytic False and sampling.variance=model.")
   with np.load(path, allow_pickle=False) as data:
     out = {k: data[k] for k in data.files}
   if str(out["params"]) != params_kind:

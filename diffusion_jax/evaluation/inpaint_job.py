@@ -119,7 +119,8 @@ def _masks(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
   spec = str(config.inpaint.mask)
   if spec in NAMED_MASKS or spec.startswith("channels:"):
     return np.broadcast_to(named_mask(spec, size, channels), (count, size, size, channels))
-  if not (spec.split(".npz:")[0].endswith(".npz") or os.path.isdir(spec)):
+  path = spec.rsplit(":", 1)[0] if ".npz:" in spec else spec
+  if not (path.endswith(".npz") or os.path.isdir(path)):
     named_mask(spec, size, channels)  # raises the message naming the choices
   loaded = np.concatenate(list(image_sources.iterate_images(spec, count)))
   if loaded.ndim == 3:
@@ -127,7 +128,12 @@ def _masks(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
   if loaded.shape[1:3] != (size, size) or loaded.shape[-1] not in (1, channels):
     raise ValueError(f"inpaint.mask={spec!r} holds masks of shape {loaded.shape[1:]}; "
                      f"need {size}x{size} with 1 or {channels} channel(s).")
-  masks = (np.asarray(loaded, np.float32) > 127.5).astype(np.float32)
+  loaded = np.asarray(loaded, np.float32)
+  threshold = 0.5 if loaded.max() <= 1.0 else 127.5  # 0/1 masks, or images (white = known)
+  masks = (loaded > threshold).astype(np.float32)
+  if not masks.reshape(masks.shape[0], -1).any(axis=1).all():
+    raise ValueError(f"inpaint.mask={spec!r}: a mask with no known pixel (1, or white) "
+                     "would just sample unconditionally; check the masks.")
   masks = np.broadcast_to(masks, masks.shape[:3] + (channels,))
   if masks.shape[0] == 1:
     return np.broadcast_to(masks, (count,) + masks.shape[1:])

@@ -60,7 +60,7 @@ class EvalModel:
     For a class-conditional network every example gets `label` (None: the null class,
     i.e. the unconditional model), with classifier-free guidance `guidance_scale`.
     """
-    classes = self.model.config.num_classes
+    classes = getattr(getattr(self.model, "config", None), "num_classes", 0)
     if not classes:
       return lambda x, t: self.model.apply({"params": params}, x, t, train=False)
     apply = lambda x, t, y: self.model.apply({"params": params}, x, t, train=False, y=y)

@@ -45,6 +45,10 @@ from diffusion_jax.training import write_failures
 
 PyTree = Any
 CheckpointWriteError = write_failures.CheckpointWriteError
+
+
+class UnreadableCheckpoints(OSError):
+  """Checkpoints exist but none could be read (the message lists each and why)."""
 CHECKPOINT_DIR = "checkpoints"
 SNAPSHOT_DIR = "snapshots"
 UNREADABLE_DIR = "unreadable_checkpoints"
@@ -181,6 +185,9 @@ class Checkpointer:
 
     self._managers = {CHECKPOINT_DIR: manager(CHECKPOINT_DIR, max(1, int(max_to_keep))),
                       SNAPSHOT_DIR: manager(SNAPSHOT_DIR, None)}
+    # Several processes save on the main thread: orbax's cross-process barriers are
+    # device collectives, which must not run beside the training step's collectives.
+    async_save = async_save and jax.process_count() == 1
     self._executor = (concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="checkpoint_writer") if async_save else None)
     self._pending: concurrent.futures.Future | None = None
@@ -200,8 +207,10 @@ class Checkpointer:
            preemption: bool = True) -> None:
     """Saves `state` at `step` (all processes must call this together).
 
-    Waits for the previous save first (raising its failure, if any), then writes in the
-    background (or here, without `async_save`).
+    Waits for the previous save first (raising its failure, if any: a training loop of
+    several processes checks `failed` on all of them together first, see
+    `train._raise_failed_save`), then writes in the background (or here, without
+    `async_save` or with several processes).
 
     Args:
       step: the state's step.
@@ -232,6 +241,7 @@ class Checkpointer:
       for sub in subs:
         mngr = self._managers[sub]
         if step in mngr.all_steps():
+          done.append(sub)  # already there
           continue
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(host_state),
@@ -282,12 +292,14 @@ class Checkpointer:
       self._pending = None
     return self._failure is not None
 
-  def wait(self) -> None:
-    """Blocks until the pending save is written; raises its failure, if any."""
+  def wait(self, raise_failure: bool = True) -> None:
+    """Blocks until the pending save is written; raises its failure, if any (unless
+    `raise_failure` is False: then `failed` and `check` report it)."""
     if self._pending is not None:
       self._pending.result()
       self._pending = None
-    self.check()
+    if raise_failure:
+      self.check()
 
   def close(self, raise_failure: bool = True) -> None:
     """Waits for the pending save and releases the managers.
@@ -329,7 +341,9 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: `step` is given and no checkpoint has it.
-      RuntimeError: checkpoints exist but none could be read.
+      UnreadableCheckpoints: checkpoints exist but none could be read (nothing is moved
+        aside then: a state of another structure, e.g. after a change of the optimizer
+        settings, fails every candidate alike).
     """
     self.wait()
     candidates = list_steps(self.workdir)
@@ -355,7 +369,7 @@ class Checkpointer:
         self._move_aside(failures)
       self.restored_from = (cand_step, sub)
       return state, cand_step
-    raise RuntimeError(
+    raise UnreadableCheckpoints(
         f"No checkpoint in {self.workdir} could be read:\n" +
         "\n".join(f"  {sub}/{s}: {m}" for s, sub, m in failures) +
         "\nRefusing to start from scratch over them: move them away or use a new --workdir.")

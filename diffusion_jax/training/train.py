@@ -311,6 +311,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           logging.info("step %d: %s", step,
                        ", ".join(f"{k}={v:.5g}" for k, v in sorted(summary.items())))
         if preempt or snapshot:
+          # Every process finishes its previous save and learns whether any failed
+          # before this one starts: a failure stops them all together.
+          ckpt.wait(raise_failure=False)
+          _raise_failed_save(ckpt)
           ckpt.save(step, state, snapshot=snapshot, preemption=preempt)
           last_save_time = time.monotonic()
         if step % int(t_cfg.sample_every_steps) == 0 or last:

@@ -122,7 +122,8 @@ def test_unreadable_latest_falls_back_and_is_moved_aside(tmp_path, caplog):
       for f in files:
         with open(os.path.join(d, f), "wb") as fh:
           fh.write(b"\x00")
-  with pytest.raises(RuntimeError, match="No checkpoint .* could be read"):
+  with pytest.raises(checkpointing.UnreadableCheckpoints,
+                     match="No checkpoint .* could be read"):
     ckpt.restore(_abstract(s2, mesh))
   ckpt.close()
 

@@ -71,15 +71,17 @@ def test_known_pixels_are_kept_and_a_resumed_job_is_identical(workdir, tmp_path)
 
 def test_mask_files_and_errors(workdir, tmp_path):
   masks = np.zeros((1, 8, 8), np.uint8)
-  masks[0, :, ::2] = 255  # every other column known
-  np.savez(tmp_path / "mask.npz", x=masks)
-  summary = inpaint_job.inpaint_images(_config(num_images=2, mask=str(tmp_path / "mask.npz")),
-                                       workdir)
+  masks[0, :, ::2] = 1  # every other column known (0/1 masks as the job saves them)
+  np.savez(tmp_path / "mask.npz", m=masks, other=np.zeros((1, 8, 8), np.uint8))
+  summary = inpaint_job.inpaint_images(
+      _config(num_images=2, mask=f"{tmp_path / 'mask.npz'}:m"), workdir)
   shard = np.load(os.path.join(summary["directory"], "shard_000000.npz"))
   known = shard["masks"].astype(bool)
   assert known[:, :, ::2].all() and not known[:, :, 1::2].any()
   np.testing.assert_array_equal(shard["completions"][:, 0][known], shard["images"][known])
   with pytest.raises(ValueError, match="inpaint.mask"):
     inpaint_job.inpaint_images(_config(mask="diagonal"), workdir)
+  with pytest.raises(ValueError, match="no known pixel"):
+    inpaint_job.inpaint_images(_config(mask=f"{tmp_path / 'mask.npz'}:other"), workdir)
   with pytest.raises(ValueError, match="inpaint.num_completions=0"):
     inpaint_job.inpaint_images(_config(num_completions=0), workdir)

@@ -82,13 +82,14 @@ def test_schedule_of_moves():
   levels = repaint.repaint_schedule(20, jump_length=3, jump_n_sample=3)
   assert levels[0] == 20 and levels[-1] == 0 and levels.max() == 20
   assert set(np.abs(np.diff(levels))) == {1}
-  # Blocks start at levels 0, 3, ..., 15 (none in the top block); each is gone down 3
-  # times, so each of its levels is left downwards 3 times; the rest once.
+  # Jumps start at levels 1, 4, ..., 16 (Lugmayr et al.'s timesteps 0, 3, ..., 15; none
+  # in the top block) and go back up 3 levels, twice each: every level from 2 to 19 is
+  # left downwards 3 times; level 20 (x_T) and level 1 (into x_0) once.
   downs = np.bincount(levels[:-1][np.diff(levels) < 0], minlength=21)
   for level in range(1, 21):
-    block_start = (level - 1) // 3 * 3
-    expected = 3 if block_start < 20 - 3 and level - block_start <= 3 else 1
+    expected = 3 if 2 <= level <= 19 else 1
     assert downs[level] == expected, (level, downs[level])
+  assert levels[-2] == 1  # the last move is x_1 -> x_0, never a jump from x_0
   np.testing.assert_array_equal(repaint.repaint_schedule(5, 2, 1), [5, 4, 3, 2, 1, 0])
   with pytest.raises(ValueError, match="jump_length"):
     repaint.repaint_schedule(10, 0, 2)
@@ -106,7 +107,8 @@ def _numpy_repaint(num_timesteps, jump_length, jump_n_sample, n, seed=0):
   # The moves, written from the algorithm: down T..1, and after each block of
   # jump_length levels (none from the top block) back up and down again, r - 1 times.
   levels = [num_timesteps]
-  jumps = {start: jump_n_sample - 1
+  # Lugmayr et al.'s timestep t (the network's index) is level t + 1.
+  jumps = {start + 1: jump_n_sample - 1
            for start in range(0, num_timesteps - jump_length, jump_length)}
   while levels[-1] > 0:
     levels.append(levels[-1] - 1)
