@@ -32,18 +32,25 @@ class CheckpointWriteError(OSError):
 class _WriterLogFilter(py_logging.Filter):
   """Drops the tracebacks that orbax's writer threads log when a save fails (also after
   the save call has returned): the Checkpointer raises the failure once, with its cause,
-  and reports unreadable checkpoints itself."""
+  and reports unreadable checkpoints itself. asyncio reports the same failures once more
+  when orbax's write tasks are collected ("Task exception was never retrieved", naming
+  the orbax coroutine); those reports are dropped too."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return not (record.levelno >= py_logging.ERROR and
-                f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < py_logging.ERROR:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    if orbax in record.pathname:
+      return False
+    return not (record.name == "asyncio" and orbax in record.getMessage())
 
 
 def _install_log_filter() -> None:
-  """Installs `_WriterLogFilter` on absl's logger (once per process)."""
-  logger = py_logging.getLogger("absl")
-  if not any(isinstance(f, _WriterLogFilter) for f in logger.filters):
-    logger.addFilter(_WriterLogFilter())
+  """Installs `_WriterLogFilter` on absl's and asyncio's loggers (once per process)."""
+  for name in ("absl", "asyncio"):
+    logger = py_logging.getLogger(name)
+    if not any(isinstance(f, _WriterLogFilter) for f in logger.filters):
+      logger.addFilter(_WriterLogFilter())
 
 
 def _drop_closed_loop_callbacks() -> None:
