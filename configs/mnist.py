@@ -6,7 +6,7 @@ Variants (`configs/mnist.py:VARIANT`):
   smoke  a tiny model for tests.
   cpu    a smaller U-Net (ch 32, one res block per level, 1.11M parameters) at 0.6-0.8
          steps/s on a 2-core CPU (its 4,000 steps: about 1.5 hours; the README's MNIST
-         demonstration stopped it at step 2,818). It reads the official MNIST files from
+         demonstration evaluates step 4,000). It reads the official MNIST files from
          an .npz (--config.data.path=mnist.npz with x_train/x_test; the default path is
          the shared data folder beside the checkout, run from the repository root).
   cond   the cpu variant, class-conditional (the ten digits, labels from the .npz's
