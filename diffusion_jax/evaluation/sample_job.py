@@ -74,10 +74,11 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   for k in range(num_shards):
     path = shard_path(directory, k)
     lo, hi = k * shard_size, min((k + 1) * shard_size, num)
-    kept = _read_shard(path)  # A last shard of an earlier, smaller set may be short.
+    kept, kept_seconds = _read_shard(path)  # The last shard of a smaller set may be short.
     if kept is not None and kept.shape[0] >= hi - lo:
       continue
     start_index = lo if kept is None else lo + kept.shape[0]
+    shard_start = time.time()
     images = []
     for first in range(start_index, hi, batch):
       indices = np.arange(first, first + batch, dtype=np.int32)
@@ -86,8 +87,10 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     images = image_grid.to_uint8(np.concatenate(images)[:hi - start_index])
     if kept is not None:
       images = np.concatenate([kept, images])
+    seconds = time.time() - shard_start + (kept_seconds if kept is not None else 0.0)
     if results.is_writer():
-      results.save_npz_atomic(path, images=images, indices=np.arange(lo, hi, dtype=np.int64))
+      results.save_npz_atomic(path, images=images, indices=np.arange(lo, hi, dtype=np.int64),
+                              seconds=np.float64(seconds))
     made += hi - start_index
     elapsed = time.time() - start
     logging.info("samples: shard %d/%d written, %.3f samples/s, %s", k + 1, num_shards,
@@ -99,18 +102,34 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
              "num_samples": num, "directory": directory, **sampling.settings(config)}
   if made:
     summary["samples_per_second"] = made / max(time.time() - start, 1e-9)
+  seconds = sampling_seconds(directory, num_shards)
+  if seconds is not None:
+    summary["sampling_seconds"] = seconds
   summary["summary_json"] = results.write_summary(
       workdir, f"samples_{sample_tag(config, eval_model.step).split('_', 1)[1]}",
       eval_model.step, summary)
   return summary
 
 
-def _read_shard(path: str) -> np.ndarray | None:
-  """The images of a written shard, or None if it does not exist."""
+def _read_shard(path: str) -> tuple[np.ndarray | None, float]:
+  """(images, generation seconds) of a written shard; (None, 0) if it does not exist."""
   if not os.path.exists(path):
-    return None
+    return None, 0.0
   with np.load(path, allow_pickle=False) as data:
-    return data["images"]
+    return data["images"], float(data["seconds"]) if "seconds" in data.files else 0.0
+
+
+def sampling_seconds(directory: str, num_shards: int) -> float | None:
+  """Wall time spent generating the first `num_shards` shards of a set, summed over the
+  runs that wrote them (each shard stores its own, compilation included); None when a
+  shard predates that record."""
+  total = 0.0
+  for k in range(num_shards):
+    with np.load(shard_path(directory, k), allow_pickle=False) as data:
+      if "seconds" not in data.files:
+        return None
+      total += float(data["seconds"])
+  return total
 
 
 def shard_path(directory: str, k: int) -> str:

@@ -59,6 +59,12 @@ def _reference_samples(config, workdir_path, indices):
   return np.clip(np.round((np.asarray(out, np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _shard_seconds(directory: str, k: int) -> float:
+  """The generation time stored in shard k of a sample set."""
+  with np.load(sample_job.shard_path(directory, k)) as data:
+    return float(data["seconds"])
+
+
 def test_sampling_sharded_resumed_equals_one_device(workdir, tmp_path, monkeypatch):
   path, _ = workdir
   config = _config()
@@ -67,6 +73,9 @@ def test_sampling_sharded_resumed_equals_one_device(workdir, tmp_path, monkeypat
   full = sample_job.load_samples(summary["directory"])
   assert full.shape == (12, 8, 8, 1) and full.dtype == np.uint8
   assert len(os.listdir(summary["directory"])) == 4  # 3 shards + manifest
+  shard_seconds = [_shard_seconds(summary["directory"], k) for k in range(3)]
+  assert min(shard_seconds) > 0
+  assert summary["sampling_seconds"] == pytest.approx(sum(shard_seconds), rel=1e-12)
   # Same indices on one device, in one batch of 12.
   np.testing.assert_array_equal(full, _reference_samples(config, path, np.arange(12)))
   assert len({full[i].tobytes() for i in range(12)}) == 12  # distinct samples
@@ -87,8 +96,15 @@ def test_sampling_sharded_resumed_equals_one_device(workdir, tmp_path, monkeypat
   with pytest.raises(KeyboardInterrupt):
     sample_job.generate_samples(config, other)
   monkeypatch.setattr(results, "save_npz_atomic", real_save)
-  resumed_dir = sample_job.generate_samples(config, other)["directory"]
+  killed_dir = os.path.join(other, os.path.relpath(summary["directory"], path))
+  first_seconds = _shard_seconds(killed_dir, 0)
+  resumed = sample_job.generate_samples(config, other)
+  resumed_dir = resumed["directory"]
   assert sorted(os.listdir(resumed_dir)) == sorted(os.listdir(summary["directory"]))
+  # The time of the shard written before the kill is kept in the set's total.
+  assert _shard_seconds(resumed_dir, 0) == first_seconds
+  assert resumed["sampling_seconds"] == pytest.approx(
+      first_seconds + _shard_seconds(resumed_dir, 1) + _shard_seconds(resumed_dir, 2))
   np.testing.assert_array_equal(sample_job.load_samples(resumed_dir), full)
 
   # A smaller set (its last shard short), then the full number: the short shard is
@@ -97,11 +113,13 @@ def test_sampling_sharded_resumed_equals_one_device(workdir, tmp_path, monkeypat
   shutil.copytree(os.path.join(path, checkpointing.CHECKPOINT_DIR),
                   os.path.join(grown, checkpointing.CHECKPOINT_DIR))
   config.sampling.num_samples = 7
-  np.testing.assert_array_equal(sample_job.load_samples(
-      sample_job.generate_samples(config, grown)["directory"]), full[:7])
+  small_dir = sample_job.generate_samples(config, grown)["directory"]
+  np.testing.assert_array_equal(sample_job.load_samples(small_dir), full[:7])
+  short_seconds = _shard_seconds(small_dir, 1)  # shard 1 holds samples 5-6 of 5-9
   config.sampling.num_samples = 12
   grown_dir = sample_job.generate_samples(config, grown)["directory"]
   np.testing.assert_array_equal(sample_job.load_samples(grown_dir), full)
+  assert _shard_seconds(grown_dir, 1) > short_seconds  # its completion's time added
 
   # Partial results of other settings are never mixed in.
   config.sampling.shard_size = 6
