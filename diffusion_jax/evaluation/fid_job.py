@@ -66,7 +66,9 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, A
     summary["inception_score"] = None
     summary["inception_score_note"] = ("the Inception weights have no 1008-way classifier; "
                                        "convert pytorch-fid's pt_inception file for IS")
-  summary["summary_json"] = results.write_summary(workdir, "fid",
+  # One summary per sample set: `fid_<sampler tag>_step<step>.json`, as the samples'.
+  set_tag = os.path.basename(samples["directory"]).split("_", 1)[1]
+  summary["summary_json"] = results.write_summary(workdir, f"fid_{set_tag}",
                                                   samples["checkpoint_step"], summary)
   for role in quality.references:
     suffix = "" if role == "train" else f"_{role}"

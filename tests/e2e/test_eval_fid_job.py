@@ -58,8 +58,10 @@ def test_fid_job_end_to_end_with_data_reference(workdir, tmp_path_factory):
   assert written["fid"] == summary["fid"]
   # The summary names its own file, and the sampling job's separately.
   assert written["summary_json"] == summary["summary_json"]
-  assert os.path.basename(summary["summary_json"]).startswith("fid_step")
-  assert os.path.basename(written["samples_summary_json"]).startswith("samples_")
+  # Each sample set has its own: fid_<set>_step<step>.json beside samples_<set>_step<step>.
+  assert (os.path.basename(summary["summary_json"]) ==
+          os.path.basename(written["samples_summary_json"]).replace("samples_", "fid_", 1))
+  assert os.path.basename(summary["summary_json"]).startswith("fid_ancestral")
   assert os.path.exists(written["samples_summary_json"])
   # The reported FIDs are the distances between the statistics files the job left: the
   # samples' (next to them) and the references' (cached under eval/ with their origin).
