@@ -87,7 +87,7 @@ def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     images = image_grid.to_uint8(np.concatenate(images)[:hi - start_index])
     if kept is not None:
       images = np.concatenate([kept, images])
-    seconds = time.time() - shard_start + (kept_seconds if kept is not None else 0.0)
+    seconds = time.time() - shard_start + kept_seconds  # with the kept part's
     if results.is_writer():
       results.save_npz_atomic(path, images=images, indices=np.arange(lo, hi, dtype=np.int64),
                               seconds=np.float64(seconds))
