@@ -118,6 +118,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.beta2 = 0.999
   optim.eps = 1e-8
   optim.ema_decay = 0.9999
+  # Drop the initialization's share decay^step from the EMA (training/train_state.py):
+  # for short runs; the official code (and so the paper's configs) does not.
+  optim.ema_debias = False
 
   # --- Sampling -------------------------------------------------------------------
   sampling = config.sampling = ml_collections.ConfigDict()

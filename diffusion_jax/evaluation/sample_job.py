@@ -43,8 +43,10 @@ SAMPLES_DIR = "samples"
 
 
 def sample_tag(config: ml_collections.ConfigDict, step: int) -> str:
-  """The directory name of a sample set, e.g. `step800000_ddim50_eta0.0_seed0`."""
-  return f"step{step}_{sampling.tag(config)}"
+  """The directory name of a sample set, e.g. `step800000_ddim50_eta0.0_seed0`; sets of the
+  raw (non-EMA) parameters, `config.eval.use_ema=False`, are `step800000_raw_...`."""
+  params = "" if bool(config.eval.get("use_ema", True)) else "raw_"
+  return f"step{step}_{params}{sampling.tag(config)}"
 
 
 def generate_samples(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

@@ -62,6 +62,7 @@ def build_train_step(config: ml_collections.ConfigDict, mesh: Mesh, ops: ops_lib
       train_step_lib.make_loss_fn(model, build_schedule(config), config.diffusion),
       build_optimizer(config), num_timesteps=int(config.diffusion.num_timesteps),
       ema_decay=float(config.optim.ema_decay),
+      ema_debias=bool(config.optim.get("ema_debias", False)),
       base_key=streams.stream_key(config.seed, streams.TRAIN), mesh=mesh,
       learning_rate_fn=functools.partial(optimizer.current_learning_rate, config.optim),
       donate=donate, jit_options=ops.jit_options(),

@@ -94,6 +94,7 @@ def drop_labels(keys: jax.Array, labels: jax.Array, rate: float,
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     num_timesteps: int, ema_decay: float, base_key: jax.Array,
+                    ema_debias: bool = False,
                     mesh: Mesh, learning_rate_fn: Callable[[PyTree], jax.Array] | None = None,
                     donate: bool = True, jit_options: dict | None = None,
                     num_classes: int = 0, label_dropout: float = 0.0) -> Callable:
@@ -109,6 +110,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     tx: the optimizer.
     num_timesteps: T of the diffusion process.
     ema_decay: EMA decay per step.
+    ema_debias: use the debiased EMA (`train_state.debiased_decay`).
     base_key: typed PRNG key of the run (`jax.random.key(seed)`).
     mesh: the data-parallel mesh (`sharding.make_mesh`).
     learning_rate_fn: maps the optimizer state to the learning rate of its next update
@@ -149,7 +151,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     # A conditional, not `where(finite, new, old)` over the tree: with the state donated,
     # the select made XLA copy every leaf of the old state first (2x the update's time).
     new_state = jax.lax.cond(
-        finite, lambda s: train_state_lib.apply_gradients(s, grads, tx, ema_decay),
+        finite, lambda s: train_state_lib.apply_gradients(s, grads, tx, ema_decay,
+                                                          ema_debias),
         lambda s: s, state)
     metrics = dict(means)
     metrics.update(grad_norm=grad_norm, finite=finite)

@@ -65,6 +65,14 @@ def test_sample_job_with_dpm_solver(workdir):
   np.testing.assert_array_equal(images, expected.astype(np.uint8))
   with open(os.path.join(summary["directory"], "manifest.json")) as f:
     assert json.load(f)["final_step"] == "zero"
+  # The raw parameters make their own set beside the EMA one.
+  config.eval.use_ema = False
+  raw = sample_job.generate_samples(config, workdir)
+  raw_name = f"step{eval_testlib.STEP}_raw_dpmpp_2m6_logsnr_seed0"
+  assert os.path.basename(raw["directory"]) == raw_name
+  with open(os.path.join(raw["directory"], "manifest.json")) as f:
+    assert json.load(f)["params"] == "params"
+  np.testing.assert_array_equal(sample_job.load_samples(summary["directory"]), images)
 
 
 def test_bad_sampler_settings_name_the_fix():

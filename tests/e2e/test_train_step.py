@@ -86,6 +86,27 @@ def test_eight_devices_equal_one_device(built8):
       np.testing.assert_allclose(x8, x1, rtol=1e-5, atol=1e-7)
 
 
+def test_debiased_ema_from_the_config():
+  """optim.ema_debias reaches the compiled step: after the first update the EMA is the
+  updated parameters (no share of the initialization), after the second the average of
+  the two with weights 1 and decay (the float64 reference of `train_state`)."""
+  config = training_testlib.digits_smoke()
+  config.optim.ema_debias = True
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  _, _, step = _build(config, mesh, donate=False)
+  state = run_setup.init_train_state(config, mesh)
+  decay = float(config.optim.ema_decay)
+  history = []
+  for i in range(2):
+    state, _ = step(state, jax.device_put(_images(i), sharding.batch_sharding(mesh)))
+    history.append(jax.device_get(state.params))
+  for p1, p2, ema in zip(*(jax.tree_util.tree_leaves(t) for t in (*history,
+                                                                  jax.device_get(
+                                                                      state.ema_params)))):
+    want = (decay * p1.astype(np.float64) + p2) / (1.0 + decay)
+    np.testing.assert_allclose(ema, want, rtol=1e-5, atol=1e-6)
+
+
 def _lowered_step_text(kernels):
   config = training_testlib.digits_smoke()
   config.model.kernels = kernels

@@ -107,3 +107,36 @@ def test_create_train_state_given_ema_and_step_and_pytree():
   assert int(doubled.step) == 14
   with pytest.raises(ValueError, match="tree structure"):
     ts.create_train_state(params, tx, ema_params={"v": jnp.ones((2,))})
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.999])
+def test_debiased_ema_is_the_normalized_average_of_the_updates(decay):
+  """optim.ema_debias: after n updates the EMA is sum_k decay^(n-k) theta_k over the
+  parameters after updates 1..n, divided by the sum of the weights (float64 reference);
+  the initialization has no share, and resuming at any step gives the same values."""
+  params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(4,)), jnp.float32)}
+  tx = optimizer.make_optimizer(_optim_config(warmup_steps=0, learning_rate=0.5))
+  state = ts.create_train_state(params, tx)
+  rng = np.random.default_rng(3)
+  history = []
+  for n in range(1, 13):
+    grads = {"w": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    state = ts.apply_gradients(state, grads, tx, decay, ema_debias=True)
+    history.append(np.asarray(state.params["w"], np.float64))
+    weights = decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
+    want = np.einsum("k,kd->d", weights, np.stack(history)) / weights.sum()
+    np.testing.assert_allclose(np.asarray(state.ema_params["w"]), want, rtol=2e-5,
+                               atol=2e-6)
+  assert float(ts.debiased_decay(decay, 1)) == 0.0
+  # Long runs: the decay tends to the plain one (no float32 trouble at large n).
+  np.testing.assert_allclose(float(ts.debiased_decay(decay, 800_000)), decay, rtol=1e-7)
+  n = 5000
+  want = decay * (1 - decay ** (n - 1)) / (1 - decay ** n)
+  np.testing.assert_allclose(float(ts.debiased_decay(decay, n)), want, rtol=1e-6)
+  # The plain EMA keeps the initialization's share decay^n.
+  plain = ts.create_train_state(params, tx)
+  plain = ts.apply_gradients(plain, grads, tx, decay)
+  np.testing.assert_allclose(
+      np.asarray(plain.ema_params["w"]),
+      decay * np.asarray(params["w"], np.float64)
+      + (1 - decay) * np.asarray(plain.params["w"], np.float64), rtol=1e-6)
