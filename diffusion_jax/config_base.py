@@ -126,8 +126,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling = config.sampling = ml_collections.ConfigDict()
   # ancestral (all T steps), respaced (ancestral over num_steps of them), ddim,
   # dpmpp_2m, dpmpp_3m, dpmpp_2s, dpmpp_3s (DPM-Solver++, data prediction, multistep or
-  # singlestep), dpm_2m, dpm_3m, dpm_2s, dpm_3s (DPM-Solver, noise prediction), euler,
-  # heun (Karras et al.); see diffusion_jax/sampling.py.
+  # singlestep), dpm_2m, dpm_3m, dpm_2s, dpm_3s (DPM-Solver, noise prediction),
+  # dpmpp_2m_sde (SDE-DPM-Solver++(2M)), euler, heun (Karras et al.); see
+  # diffusion_jax/sampling.py.
   sampling.sampler = "ancestral"
   sampling.num_steps = 1000  # Steps of the grid (every sampler but ancestral).
   # Timestep grid (diffusion/timesteps.py): uniform, even, quad, leading, linspace,

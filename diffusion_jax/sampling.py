@@ -18,6 +18,8 @@ Samplers (`config.sampling.sampler`; `num_steps` is the grid's steps, see
   dpmpp_2s, dpmpp_3s   DPM-Solver++ singlestep.
   dpm_2m, dpm_3m       DPM-Solver multistep (noise prediction).
   dpm_2s, dpm_3s       DPM-Solver singlestep (Lu et al. 2022's DPM-Solver-2 and -3).
+  dpmpp_2m_sde         SDE-DPM-Solver++(2M) (Lu et al. 2022b): the reverse SDE, second
+                       order multistep, fresh noise at every step.
   euler, heun          Karras et al. 2022's samplers of the probability-flow ODE, with
                        optional churn (`diffusion.karras`).
 Network calls per sample: T (ancestral), the grid's steps (respaced, ddim, DPM-Solvers,
@@ -64,6 +66,7 @@ DPM_SAMPLERS = {  # name: (order, algorithm, method)
     f"{prefix}_{order}{m}": (order, algorithm, method)
     for prefix, algorithm in (("dpmpp", "dpmsolver++"), ("dpm", "dpmsolver"))
     for order in (2, 3) for m, method in (("m", "multistep"), ("s", "singlestep"))}
+DPM_SAMPLERS["dpmpp_2m_sde"] = (2, "sde-dpmsolver++", "multistep")
 SAMPLERS = ("ancestral", "respaced", "ddim", *sorted(DPM_SAMPLERS), "euler", "heun")
 VARIANCES = ("model", "analytic")
 DEFAULT_SPACING = {"respaced": "even", "ddim": "uniform", "euler": "karras",

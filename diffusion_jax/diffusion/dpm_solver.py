@@ -34,10 +34,23 @@ order 3 (`tests/unit/test_ode_convergence.py` measures both). `diffusers_multist
 reproduces theirs (for the parity tests). Either way the first steps of a multistep
 solver are lower order (warm-up), which costs little when sampling starts at T - 1.
 
-Each update is a linear combination x_next = a_i x_base + sum_j c_ij m_{i-j} of the
-current (multistep) or group-start (singlestep) sample and the newest three
-predictions; the coefficients are computed once, in float64 on the host, from the
-papers' formulas (`update_coefficients`), and the sampler is one `lax.fori_loop`.
+SDE-DPM-Solver++ ("sde-dpmsolver++", Lu et al. 2022b, Section 5 and Appendix; diffusers'
+`algorithm_type="sde-dpmsolver++"`, k-diffusion's "DPM++ 2M SDE") solves the reverse SDE
+instead, multistep of order 1 or 2, with data prediction: from level s to t (h =
+lambda_t - lambda_s)
+  x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) (D0 + c D1)
+        + sigma_t sqrt(1 - e^-2h) z,
+c = 1/2 ("midpoint") or ((1 - e^-2h) / (-2h) + 1) / (1 - e^-2h) ("heun"). Its first order
+on consecutive timesteps is the DDPM posterior step q(x_{t-1} | x_t, x_0-hat) with the
+variance beta-tilde (fixedsmall). The noise z of step i of example b comes from
+`fold_in(keys[b], i)` (x_T from `fold_in(keys[b], T)`), so a sample is a function of its
+own key.
+
+Each update is a linear combination x_next = a_i x_base + sum_j c_ij m_{i-j} (+ n_i z_i
+for the SDE) of the current (multistep) or group-start (singlestep) sample and the
+newest three predictions; the coefficients are computed once, in float64 on the host,
+from the papers' formulas (`update_coefficients`), and the sampler is one
+`lax.fori_loop`.
 """
 
 from __future__ import annotations
@@ -56,7 +69,8 @@ from diffusion_jax.diffusion.schedules import Schedule
 from diffusion_jax.diffusion.timesteps import Grid
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-ALGORITHMS = ("dpmsolver++", "dpmsolver")
+ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
+SDE_ALGORITHMS = ("sde-dpmsolver++",)
 METHODS = ("multistep", "singlestep")
 SOLVER_TYPES = ("midpoint", "heun", "lu")
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers: lower orders at the end only below 15 steps
@@ -70,11 +84,13 @@ class Coefficients(NamedTuple):
     reset: [M] bool, the base sample becomes the current one at this step.
     model: [M, K] multiply the newest K predictions (newest first).
     orders: [M] int, the order of each step.
+    noise: [M] the standard deviation of the noise each step adds (0 for the ODE).
   """
   base: np.ndarray
   reset: np.ndarray
   model: np.ndarray
   orders: np.ndarray
+  noise: np.ndarray
 
 
 def check_options(order: int, algorithm: str, method: str, solver_type: str) -> None:
@@ -88,6 +104,11 @@ def check_options(order: int, algorithm: str, method: str, solver_type: str) -> 
     raise ValueError(f"Unknown DPM-Solver method {method!r}; choose one of {METHODS}.")
   if solver_type not in SOLVER_TYPES:
     raise ValueError(f"Unknown solver_type {solver_type!r}; choose one of {SOLVER_TYPES}.")
+  if algorithm in SDE_ALGORITHMS and (order > 2 or method != "multistep"
+                                      or solver_type == "lu"):
+    raise ValueError(f"{algorithm} is multistep of order 1 or 2 with solver_type midpoint "
+                     f"or heun; got order={order}, method={method!r}, "
+                     f"solver_type={solver_type!r}.")
 
 
 def multistep_orders(num_steps: int, order: int, lower_order_final: bool,
@@ -133,8 +154,9 @@ def singlestep_orders(num_steps: int, order: int, lower_order_final: bool,
 def _terms(grid: Grid, s: np.ndarray, t: np.ndarray, algorithm: str):
   """Exponential-integrator terms of the steps from levels s to levels t (arrays).
 
-  Returns (a, phi1, psi, chi, h): x_t = a x_s + phi1 D0 + psi D1 + chi D2 in the papers'
-  notation (psi, chi are those of the Taylor form; not finite into a noise-free end).
+  Returns (a, phi1, psi, chi, h, noise): x_t = a x_s + phi1 D0 + psi D1 + chi D2
+  (+ noise z for the SDE) in the papers' notation (psi, chi are those of the Taylor form;
+  not finite into a noise-free end).
   """
   alpha, sigma, lam = grid.alphas, grid.sigmas, grid.lambdas
   a_s, s_s, a_t, s_t = alpha[s], sigma[s], alpha[t], sigma[t]
@@ -142,7 +164,14 @@ def _terms(grid: Grid, s: np.ndarray, t: np.ndarray, algorithm: str):
   finite = np.isfinite(h)
   hf = np.where(finite, h, 1.0)
   with np.errstate(all="ignore"):
-    if algorithm == "dpmsolver++":
+    noise = np.zeros(np.shape(h))
+    if algorithm == "sde-dpmsolver++":  # e^-h = (alpha_s sigma_t) / (sigma_s alpha_t)
+      a = np.where(finite, s_t / s_s * np.exp(-hf), 0.0)
+      phi1 = np.where(finite, -a_t * np.expm1(-2.0 * hf), a_t)
+      psi = a_t * (np.expm1(-2.0 * hf) / (2.0 * hf) + 1.0)
+      chi = np.full(np.shape(h), np.nan)
+      noise = np.where(finite, s_t * np.sqrt(-np.expm1(-2.0 * hf)), 0.0)
+    elif algorithm == "dpmsolver++":
       a = s_t / s_s
       phi1 = np.where(finite, -a_t * np.expm1(-hf), a_t - s_t * a_s / s_s)
       psi = a_t * (np.expm1(-hf) / hf + 1.0)
@@ -152,7 +181,8 @@ def _terms(grid: Grid, s: np.ndarray, t: np.ndarray, algorithm: str):
       phi1 = np.where(finite, -s_t * np.expm1(hf), s_t - a_t * s_s / a_s)
       psi = -s_t * (np.expm1(hf) / hf - 1.0)
       chi = -s_t * ((np.expm1(hf) - hf) / hf**2 - 0.5)
-  return a, phi1, np.where(finite, psi, np.nan), np.where(finite, chi, np.nan), h
+  return (a, phi1, np.where(finite, psi, np.nan), np.where(finite, chi, np.nan), h,
+          noise)
 
 
 def update_coefficients(grid: Grid, *, order: int, algorithm: str = "dpmsolver++",
@@ -174,7 +204,7 @@ def update_coefficients(grid: Grid, *, order: int, algorithm: str = "dpmsolver++
   else:
     orders = singlestep_orders(m, order, lower_order_final, grid.noise_free_end)
     starts = steps - orders + 1
-  a, phi1, psi, chi, h = _terms(grid, starts, steps + 1, algorithm)
+  a, phi1, psi, chi, h, noise = _terms(grid, starts, steps + 1, algorithm)
   psi2 = 0.5 * phi1 if solver_type in ("midpoint", "lu") else psi
   if solver_type == "lu" and method == "singlestep":  # Taylor inside groups of three
     inside = (orders == 2) & (np.append(orders[1:], 0) == 3)
@@ -217,7 +247,7 @@ def update_coefficients(grid: Grid, *, order: int, algorithm: str = "dpmsolver++
     raise ValueError("The grid has repeated noise levels (a zero-length step); use a grid "
                      "with strictly decreasing levels.")
   reset = np.ones(m, bool) if method == "multistep" else orders == 1
-  return Coefficients(base=a, reset=reset, model=coef, orders=orders)
+  return Coefficients(base=a, reset=reset, model=coef, orders=orders, noise=noise)
 
 
 def check_grid_timesteps(grid: Grid, schedule: Schedule, model_mean_type: str) -> None:
@@ -261,8 +291,9 @@ def solve(model_fn: ModelFn, schedule: Schedule, x: jax.Array, grid: Grid, *,
           diffusers_multistep3: bool = False,
           model_mean_type: str = "eps", model_var_type: str = "fixedlarge",
           transform: denoiser.X0Transform = denoiser.X0Transform(),
-          trajectory: bool = False) -> jax.Array:
-  """Integrates the probability-flow ODE from x at the grid's first level to its end.
+          trajectory: bool = False, noise_keys: jax.Array | None = None) -> jax.Array:
+  """Integrates the probability-flow ODE (or, for "sde-dpmsolver++", the reverse SDE)
+  from x at the grid's first level to its end.
 
   Args:
     model_fn: `model_fn(x [B, H, W, C], t [B]) -> [B, H, W, C or 2C]`.
@@ -270,7 +301,8 @@ def solve(model_fn: ModelFn, schedule: Schedule, x: jax.Array, grid: Grid, *,
     x: [B, H, W, C] the sample at level 0 of the grid (timestep grid.timesteps[0]).
     grid: the steps (`timesteps.make_grid`).
     order: 1 (DDIM), 2 or 3.
-    algorithm: "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction).
+    algorithm: "dpmsolver++" (data prediction), "dpmsolver" (noise prediction) or
+      "sde-dpmsolver++" (data prediction, the reverse SDE).
     method: "multistep" or "singlestep".
     solver_type: "midpoint", "heun" or "lu" (see the module docstring).
     lower_order_final: lower orders for the last steps (see the module docstring).
@@ -279,6 +311,8 @@ def solve(model_fn: ModelFn, schedule: Schedule, x: jax.Array, grid: Grid, *,
     model_mean_type, model_var_type: the network's parameterization.
     transform: clipping / dynamic thresholding of the predicted x_0.
     trajectory: also return the sample at every level.
+    noise_keys: [B] PRNG keys of the SDE's noise (step i of example b draws from
+      `fold_in(noise_keys[b], i)`); required for "sde-dpmsolver++", unused otherwise.
 
   Returns:
     [B, H, W, C] the sample at the grid's end, in the schedule's dtype; with
@@ -292,7 +326,11 @@ def solve(model_fn: ModelFn, schedule: Schedule, x: jax.Array, grid: Grid, *,
                               diffusers_multistep3=diffusers_multistep3)
   predict = network_call(model_fn, schedule, grid, model_mean_type=model_mean_type,
                          model_var_type=model_var_type, transform=transform)
+  sde = algorithm in SDE_ALGORITHMS
+  if sde and noise_keys is None:
+    raise ValueError(f"{algorithm} draws noise: pass noise_keys (one key per example).")
   dtype = schedule.dtype
+  noise_std = jnp.asarray(coefs.noise, dtype)
   base = jnp.asarray(coefs.base, dtype)
   model_coefs = jnp.asarray(coefs.model, dtype)  # [M, K]
   reset = jnp.asarray(coefs.reset)
@@ -303,14 +341,18 @@ def solve(model_fn: ModelFn, schedule: Schedule, x: jax.Array, grid: Grid, *,
   def body(i, carry):
     x, x_base, hist, states = carry
     x0, eps = predict(x, i)
-    m = x0 if algorithm == "dpmsolver++" else eps
+    m = eps if algorithm == "dpmsolver" else x0
     hist = jnp.concatenate([m[None].astype(dtype), hist[:-1]])  # [K, B, H, W, C]
     if singlestep:
       x_base = jnp.where(reset[i], x, x_base)
     else:
       x_base = x
     update = jnp.tensordot(model_coefs[i], hist, axes=1)
-    x = (base[i] * x_base + update).astype(dtype)
+    x = base[i] * x_base + update
+    if sde:
+      z = randomness.per_example_normal(noise_keys, i, x.shape[1:], dtype)
+      x = x + noise_std[i] * z
+    x = x.astype(dtype)
     return x, x_base, hist, record(states, i + 1, x)
 
   hist0 = jnp.zeros((history,) + x.shape, dtype)
@@ -333,7 +375,8 @@ def record(states: jax.Array, i, x: jax.Array) -> jax.Array:
 
 def sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array, shape: Sequence[int],
            grid: Grid, **kwargs) -> jax.Array:
-  """DPM-Solver(++) samples: x_T ~ N(0, I) from fold_in(keys[b], T), then `solve`.
+  """DPM-Solver(++) samples: x_T ~ N(0, I) from fold_in(keys[b], T), then `solve` (the
+  SDE's noise of step i from fold_in(keys[b], i)).
 
   Args:
     model_fn, schedule, grid: as `solve`.
@@ -347,4 +390,6 @@ def sample(model_fn: ModelFn, schedule: Schedule, keys: jax.Array, shape: Sequen
   """
   keys = randomness.as_key_array(keys)
   x_T = samplers.initial_noise(schedule, keys, shape)
+  if kwargs.get("algorithm") in SDE_ALGORITHMS:
+    kwargs["noise_keys"] = keys
   return solve(model_fn, schedule, x_T, grid, **kwargs)

@@ -75,6 +75,34 @@ def test_sample_job_with_dpm_solver(workdir):
   np.testing.assert_array_equal(sample_job.load_samples(summary["directory"]), images)
 
 
+def test_sde_sampler_is_a_function_of_each_index(workdir):
+  """sampling.sampler=dpmpp_2m_sde: SDE-DPM-Solver++(2M) with its noise from each sample's
+  key; a sample is the same whichever batch (and device split) computes it."""
+  config = eval_testlib.tiny_eval_config()
+  config.sampling.sampler = "dpmpp_2m_sde"
+  config.sampling.num_steps = 6
+  assert sampling.tag(config) == "dpmpp_2m_sde6_logsnr_seed0"
+  assert sampling.network_calls(config) == 6
+  model = restore.load_eval_model(config, workdir)
+  sample_fn = sampling.make_sample_fn(model.model, model.schedule, config, model.mesh)
+  all8 = sampling.sample_indices(sample_fn, model.params, np.arange(8), model.mesh)
+  last4 = sampling.sample_indices(sample_fn, model.params, np.arange(4, 12), model.mesh)
+  np.testing.assert_allclose(all8[4:], last4[:4], rtol=0, atol=1e-5)
+  one = _one_device(config, workdir)
+  base = jax.random.fold_in(jax.random.key(config.seed), streams.SAMPLE)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(8))
+  grid = timesteps.make_grid(np.linspace(1e-4, 0.02, 20), 6, "logsnr")
+  direct = jax.jit(lambda p, k: dpm_solver.sample(
+      one.model_fn(p), one.schedule, k, (8, 8, 1), grid, order=2,
+      algorithm="sde-dpmsolver++", transform=denoiser.X0Transform(clip=True)))(
+          one.params, keys)
+  np.testing.assert_allclose(all8, np.asarray(direct), rtol=0, atol=1e-5)
+  config.sampling.sampler = "dpmpp_2m"
+  ode_fn = sampling.make_sample_fn(model.model, model.schedule, config, model.mesh)
+  assert np.max(np.abs(sampling.sample_indices(ode_fn, model.params, np.arange(8),
+                                               model.mesh) - all8)) > 1e-2
+
+
 def test_bad_sampler_settings_name_the_fix():
   config = eval_testlib.tiny_eval_config()
   config.sampling.sampler = "ddim"

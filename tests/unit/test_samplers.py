@@ -401,7 +401,7 @@ def test_ddim_eta0_is_dpm_solver_order1():
     s = sched(jnp.float64)
     model = jnp_model("fixedlarge")
     ddim = samplers.ddim_sample(model, s, KEYS, SHAPE, timesteps=seq, clip_denoised=False)
-    for algorithm in dpm_solver.ALGORITHMS:
+    for algorithm in ("dpmsolver++", "dpmsolver"):  # the ODE solvers
       dpm = dpm_solver.sample(model, s, KEYS, SHAPE, grid, order=1, algorithm=algorithm)
       assert rel_err(dpm, ddim) <= 1e-12, algorithm
 

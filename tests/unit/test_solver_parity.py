@@ -21,6 +21,7 @@ import pytest
 import torch
 import diffusers
 from diffusers.schedulers import scheduling_ddpm
+from diffusers.schedulers import scheduling_dpmsolver_multistep
 
 import ddpm_reference as ref
 from diffusion_jax.diffusion import denoiser
@@ -173,6 +174,77 @@ def test_multistep_matches_reference_float64(case):
   assert out.dtype == jnp.float64
   expected = _reference(case, grid, "multistep", None)
   assert max_step_error(out, expected) <= 1e-10
+
+
+# --- SDE-DPM-Solver++: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") --
+# (order, spacing, final, mean type, steps, solver type)
+SDE_MULTISTEP = [
+    (2, "linspace", "zero", "eps", 10, "midpoint"),
+    (2, "trailing", "t0", "v", 16, "heun"),
+    (1, "leading", "zero", "x_start", 12, "midpoint"),
+    (2, "linspace", "t0", "eps", 20, "heun"),
+]
+
+
+@pytest.mark.parametrize("case", SDE_MULTISTEP, ids=str)
+def test_sde_multistep_matches_diffusers_float32(case, monkeypatch):
+  """The same noise (ours: step i of example b from fold_in(KEYS[b], i)) handed to
+  diffusers' sampler gives the same trajectory."""
+  order, spacing, final, mean_type, steps, solver = case
+  sched = scheduler(diffusers.DPMSolverMultistepScheduler, solver_order=order,
+                    algorithm_type="sde-dpmsolver++", timestep_spacing=spacing,
+                    final_sigmas_type="zero" if final == "zero" else "sigma_min",
+                    prediction_type=PRED[mean_type], solver_type=solver)
+  sched.set_timesteps(steps)
+  grid = ts.make_grid(BETAS, steps, spacing, final_step=final)
+  np.testing.assert_array_equal(grid.timesteps, sched.timesteps.numpy())
+  ours = dpm_solver.solve(jax_model(), schedule(jnp.float32), jnp.asarray(X, jnp.float32),
+                          grid, order=order, algorithm="sde-dpmsolver++", solver_type=solver,
+                          model_mean_type=mean_type, trajectory=True, noise_keys=KEYS)
+  step_noise = iter([_noise(i, jnp.float32) for i in range(steps)])
+  monkeypatch.setattr(scheduling_dpmsolver_multistep, "randn_tensor",
+                      lambda *a, **k: nchw(next(step_noise)).to(torch.float32))
+  theirs = run_diffusers(sched, X.astype(np.float32), torch.float32)
+  assert len(theirs) == grid.num_steps + 1
+  assert max_step_error(ours, theirs) <= 1e-5
+  monkeypatch.undo()  # The draws matter: diffusers' own noise gives another sample.
+  sched.set_timesteps(steps)
+  other = run_diffusers(sched, X.astype(np.float32), torch.float32)[-1]
+  assert np.max(np.abs(np.asarray(ours[-1]) - other)) > 1e-3
+
+
+def test_sde_first_order_is_the_ddpm_posterior_step_float64():
+  """SDE-DPM-Solver++(1) over consecutive timesteps 9..0 is DDPM's ancestral step with the
+  posterior variance (Eq. 7, beta-tilde), float64 reference from the betas."""
+  c = ref.coefficients(BETAS)
+  seq = np.arange(9, -1, -1)
+  grid = ts.grid_from_timesteps(BETAS, seq, final_step="zero")
+  with jax.enable_x64(True):
+    x_start = ref.q_sample(c, np.tanh(X), np.full(B, 9), X[::-1])
+    out = dpm_solver.solve(jax_model(), schedule(jnp.float64), jnp.asarray(x_start), grid,
+                           order=1, algorithm="sde-dpmsolver++", model_mean_type="eps",
+                           trajectory=True, noise_keys=KEYS)
+    noises = [_noise(i, jnp.float64) for i in range(len(seq))]
+  x, expected = x_start, [x_start]
+  for i, t in enumerate(seq):
+    t_b = np.full(B, t)
+    x0 = ref.x0_from_eps(c, x, t_b, np_model(x, t_b))
+    var = c["posterior_variance"][t]
+    x = ref.posterior_mean(c, x0, x, t_b) + np.sqrt(var) * noises[i]
+    expected.append(x)
+  assert c["posterior_variance"][0] == 0.0  # the last step returns the mean, x_0-hat
+  assert max_step_error(out, expected) <= 1e-10
+
+
+def test_sde_options_are_checked():
+  grid = ts.make_grid(BETAS, 10, "logsnr")
+  for kw in (dict(order=3), dict(method="singlestep"), dict(solver_type="lu")):
+    options = {**dict(order=2, method="multistep", solver_type="midpoint"), **kw}
+    with pytest.raises(ValueError, match="sde-dpmsolver.. is multistep of order 1 or 2"):
+      dpm_solver.update_coefficients(grid, algorithm="sde-dpmsolver++", **options)
+  with pytest.raises(ValueError, match="pass noise_keys"):
+    dpm_solver.solve(jax_model(), schedule(jnp.float32), jnp.asarray(X, jnp.float32), grid,
+                     algorithm="sde-dpmsolver++")
 
 
 # --- Singlestep: DPMSolverSinglestepScheduler (linspace grids only) --------------------
