@@ -106,9 +106,9 @@ def main(argv):
       record = json.load(f)
   rows = []
   for name, steps, config in entries:
-    key = ("" if FLAGS.ema else "raw_") + sampling.tag(config)
-    entry = record.get(key, {})
     summary = sample_job.generate_samples(config, FLAGS.workdir)
+    key = os.path.basename(summary["directory"]).split("_", 1)[1]  # the set's name sans step
+    entry = record.get(key, {})
     if "sampling_seconds" not in summary:
       raise ValueError(f"{summary['directory']} holds shards without their generation "
                        "time; move it away and rerun to time this sampler.")

@@ -18,11 +18,10 @@ its moments. It depends on the step only, so resumed runs are unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
