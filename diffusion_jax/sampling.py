@@ -279,7 +279,9 @@ def settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 def tag(config: ml_collections.ConfigDict) -> str:
   """A short name of the sampler settings, e.g. `ddim50_eta0.0_seed0`, `dpmpp_2m20_logsnr
-  _seed0`; settings off their defaults add a hash of all settings."""
+  _seed0`, `ancestral1000_fixedsmall_seed0` (the ancestral chains name a reverse variance
+  other than the default fixedlarge); settings off their defaults add a hash of all
+  settings."""
   s = settings(config)
   if s["sampler"] == "ancestral":
     name = f"ancestral{s['num_timesteps']}"
@@ -295,6 +297,8 @@ def tag(config: ml_collections.ConfigDict) -> str:
     name += f"_cfg{s['guidance_scale']:g}"
   if "variance" in s:
     name += f"_{s['variance']}"
+  elif s["sampler"] in ("ancestral", "respaced") and s["model_var_type"] != "fixedlarge":
+    name += f"_{s['model_var_type']}"  # the chain's variances: e.g. beta-tilde, learned
   if any(key in s and s[key] != value for key, value in _EXTRA_DEFAULTS.items()):
     digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     name += f"_{digest}"

@@ -62,3 +62,20 @@ def test_analytic_variances_are_required_and_named():
     sampling.check_sampler(_config("respaced", 10, variance="learned"))
   tag = sampling.tag(_config("respaced", 10, variance="analytic"))
   assert "_analytic" in tag and tag.startswith("respaced10") and tag.endswith("_seed0")
+
+
+def _tag(sampler, steps, var_type):
+  config = _config(sampler, steps, var_type=var_type)
+  config.sampling.clip_denoised = True  # the default: no settings hash in the name
+  return sampling.tag(config)
+
+
+def test_sample_sets_of_the_chains_variances_have_their_own_names():
+  tags = {v: _tag("ancestral", 100, v) for v in ("fixedlarge", "fixedsmall", "learned")}
+  assert tags == {"fixedlarge": "ancestral100_seed0",
+                  "fixedsmall": "ancestral100_fixedsmall_seed0",
+                  "learned": "ancestral100_learned_seed0"}
+  assert _tag("respaced", 10, "fixedsmall") == _tag("respaced", 10, "fixedlarge").replace(
+      "_seed0", "_fixedsmall_seed0")
+  # The ODE solvers use the mean only: one name for either fixed variance.
+  assert _tag("dpmpp_2m", 10, "fixedsmall") == _tag("dpmpp_2m", 10, "fixedlarge")
